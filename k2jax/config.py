@@ -8,6 +8,7 @@ construction and a bad one raises a one-line `ValueError` naming it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -73,7 +74,8 @@ class ModelConfig:
     _check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
            f"must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
     _check(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
-           f"({self.num_experts_per_tok}) must not exceed n_routed_experts ({self.n_routed_experts})")
+           f"({self.num_experts_per_tok}) must not exceed n_routed_experts "
+           f"({self.n_routed_experts})")
     _check(self.n_routed_experts % self.n_group == 0, "n_group",
            f"({self.n_group}) must divide n_routed_experts ({self.n_routed_experts})")
     _check(self.topk_group <= self.n_group, "topk_group",
@@ -81,6 +83,8 @@ class ModelConfig:
     _check(self.num_experts_per_tok <= self.topk_group * self.n_routed_experts // self.n_group,
            "num_experts_per_tok", f"({self.num_experts_per_tok}) exceeds the experts left in "
            f"topk_group={self.topk_group} of n_group={self.n_group} groups")
+    _check(self.n_group == 1 or self.n_routed_experts // self.n_group >= 2, "n_group",
+           f"({self.n_group}) leaves fewer than 2 experts per group (groups rank by their top 2)")
     _check(self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
            f"({self.first_k_dense_replace}) exceeds num_hidden_layers ({self.num_hidden_layers})")
     for name in ("routed_scaling_factor", "rms_norm_eps", "rope_theta", "init_std",
@@ -114,6 +118,9 @@ class ModelConfig:
   @property
   def num_dense_layers(self) -> int:
     return self.first_k_dense_replace
+
+  def __hash__(self) -> int:  # rope_scaling is a dict; hash the JSON form so cfg can be static.
+    return hash(json.dumps(self.to_dict(), sort_keys=True))
 
   def replace(self, **changes: Any) -> ModelConfig:
     return dataclasses.replace(self, **changes)

@@ -1,0 +1,16 @@
+"""Data: documents from the stdlib, text files or JSONL, tokenised and packed with grain."""
+
+from k2jax.data.pipeline import DataIterator, bytes_per_token, make_iterator
+from k2jax.data.sources import default_data_config
+from k2jax.data.tokenizers import BpeTokenizer, ByteTokenizer, Tokenizer, build_tokenizer
+
+__all__ = [
+  "BpeTokenizer",
+  "ByteTokenizer",
+  "DataIterator",
+  "Tokenizer",
+  "build_tokenizer",
+  "bytes_per_token",
+  "default_data_config",
+  "make_iterator",
+]

@@ -1,0 +1,213 @@
+"""Where documents come from: the data config, listing documents, the train/validation split.
+
+A document is one text file, or one record of a JSONL file (its `text_key` field). Listing only
+walks directories and stats files (JSONL files are scanned for line offsets); the text is read
+lazily, one document at a time, by `read_document`. Bytes that are not valid UTF-8 decode with
+errors="replace".
+
+Data config fields (`default_data_config()`):
+  source: "python_stdlib" (the .py files of the running interpreter's standard library), a file,
+    a directory (all files below it), or a glob (`**` recursive). Files ending in .jsonl are read
+    as JSON lines, every other file as one text document.
+  text_key: the field of a JSONL record holding its text.
+  val_fraction: share of documents in the validation split (at least one document each side).
+    A document's split is decided by a hash of its path relative to the source's root (plus its
+    line number for JSONL), so it is the same on every machine and does not move when files
+    are added.
+  tokenizer: "byte" (ids 0..255 bytes, 256 the separator) | "bpe" (byte-level BPE).
+  bpe_vocab_size: vocabulary of the BPE tokenizer, separator included.
+  bpe_train_bytes: bytes of the training split (a fixed pseudo-random sample of its documents)
+    the BPE tokenizer is trained on.
+  shuffle_window: training rows are shuffled within windows of this many packed rows (documents
+    are shuffled too, every epoch); 0 or 1 turns the row shuffle off.
+  read_threads: threads reading and tokenising documents ahead of the packer (0: inline).
+  prefetch_batches: batches assembled ahead in a background thread (0: none).
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from typing import Any, NamedTuple
+
+import ml_collections
+import numpy as np
+
+STDLIB = "python_stdlib"
+TOKENIZERS = ("byte", "bpe")
+SPLITS = ("train", "validation")
+
+_DEFAULTS = dict(
+  source=STDLIB,
+  text_key="text",
+  val_fraction=0.02,
+  tokenizer="byte",
+  bpe_vocab_size=4096,
+  bpe_train_bytes=4_000_000,
+  shuffle_window=1024,
+  read_threads=2,
+  prefetch_batches=2,
+)
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """The data config with every field at its default (see the module docstring)."""
+  return ml_collections.ConfigDict(dict(_DEFAULTS))
+
+
+def field(data_cfg: Any, name: str) -> Any:
+  """`data_cfg.<name>`, its default when absent, checked; a bad value raises a ValueError."""
+  value = getattr(data_cfg, name, _DEFAULTS[name])
+  if name in ("source", "text_key"):
+    ok, want = isinstance(value, str) and bool(value), "a non-empty string"
+  elif name == "val_fraction":
+    ok, want = isinstance(value, (int, float)) and 0 < value < 1, "in (0, 1)"
+  elif name == "tokenizer":
+    ok, want = value in TOKENIZERS, f"one of {TOKENIZERS}"
+  elif name == "bpe_vocab_size":
+    ok, want = is_int(value) and value >= 258, "an integer >= 258 (256 bytes + separator + 1)"
+  elif name == "bpe_train_bytes":
+    ok, want = is_int(value) and value > 0, "a positive integer"
+  else:
+    ok, want = is_int(value) and value >= 0, "a non-negative integer"
+  if not ok:
+    raise ValueError(f"data.{name} must be {want}, got {value!r}")
+  return value
+
+
+def is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+class Document(NamedTuple):
+  """A whole file (start is None) or the bytes [start, stop) of line `line` of a JSONL file."""
+
+  path: str
+  key: str  # machine-independent name: path relative to the source root (+ ":line").
+  start: int | None = None
+  stop: int | None = None
+  line: int | None = None
+
+
+def list_documents(data_cfg: Any, split: str) -> tuple[Document, ...]:
+  """The documents of `split` ("train" | "validation"), sorted by key."""
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  splits = _split_documents(
+    field(data_cfg, "source"), field(data_cfg, "text_key"), float(field(data_cfg, "val_fraction"))
+  )
+  return splits[SPLITS.index(split)]
+
+
+def read_document(doc: Document, text_key: str) -> str:
+  """The text of `doc`; invalid UTF-8 is replaced, a bad JSONL record raises a ValueError."""
+  with open(doc.path, "rb") as f:
+    if doc.start is None:
+      return f.read().decode("utf-8", errors="replace")
+    f.seek(doc.start)
+    raw = f.read(doc.stop - doc.start)
+  return _record_text(raw, text_key, f"{doc.path} line {doc.line}")
+
+
+def _record_text(raw: bytes, text_key: str, where: str) -> str:
+  try:
+    record = json.loads(raw.decode("utf-8", errors="replace"))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+  if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+    raise ValueError(f"{where}: no string field {text_key!r} (data.text_key)")
+  text = record[text_key]
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:  # lone surrogates from \ud800-style escapes.
+    text = text.encode("utf-8", errors="replace").decode("utf-8")
+  return text
+
+
+@functools.lru_cache(maxsize=8)
+def _split_documents(
+  source: str, text_key: str, val_fraction: float
+) -> tuple[tuple[Document, ...], tuple[Document, ...]]:
+  docs = _documents(source, text_key)
+  if len(docs) < 2:
+    raise ValueError(
+      f"data.source {source!r} holds {len(docs)} document(s); need at least 2 to split "
+      "train/validation by document"
+    )
+  u = np.array([_unit_hash(d.key) for d in docs])
+  is_val = u < val_fraction
+  if not is_val.any():
+    is_val[np.argmin(u)] = True
+  if is_val.all():
+    is_val[np.argmax(u)] = False
+  train = tuple(d for d, v in zip(docs, is_val) if not v)
+  val = tuple(d for d, v in zip(docs, is_val) if v)
+  return train, val
+
+
+def _unit_hash(key: str) -> float:
+  return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
+def _documents(source: str, text_key: str) -> list[Document]:
+  root, paths = _stdlib_files() if source == STDLIB else _source_files(source)
+  docs = []
+  for path in paths:
+    key = os.path.relpath(path, root)
+    if path.endswith(".jsonl"):
+      docs.extend(_jsonl_documents(path, key, text_key))
+    else:
+      docs.append(Document(path, key))
+  if not docs:
+    raise ValueError(f"data.source {source!r}: its {len(paths)} files hold no document")
+  return sorted(docs, key=lambda d: d.key)
+
+
+def _stdlib_files() -> tuple[str, list[str]]:
+  root = sysconfig.get_paths()["stdlib"]
+  skip = {"site-packages", "dist-packages", "__pycache__"}
+  paths = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if d not in skip]
+    paths += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
+  paths = [p for p in paths if os.path.getsize(p) > 0]
+  if not paths:
+    raise ValueError(f"data.source {STDLIB!r}: no non-empty .py file under {root}")
+  return root, paths
+
+
+def _source_files(source: str) -> tuple[str, list[str]]:
+  """(root, non-empty regular files) of a file, a directory or a glob."""
+  pattern = os.path.expanduser(source)
+  if os.path.isdir(pattern):
+    pattern = os.path.join(pattern, "**", "*")
+  matches = sorted(glob.glob(pattern, recursive=True))
+  files = [p for p in matches if os.path.isfile(p)]
+  if not files:
+    raise ValueError(f"data.source {source!r} matches no file")
+  nonempty = [p for p in files if os.path.getsize(p) > 0]
+  if not nonempty:
+    raise ValueError(f"data.source {source!r}: all {len(files)} matching files are empty")
+  dirs = [os.path.dirname(os.path.abspath(p)) for p in nonempty]
+  return os.path.commonpath(dirs), [os.path.abspath(p) for p in nonempty]
+
+
+def _jsonl_documents(path: str, key: str, text_key: str) -> list[Document]:
+  """One document per non-blank line; the first record is parsed to fail early on bad files."""
+  data = np.fromfile(path, dtype=np.uint8)
+  ends = np.flatnonzero(data == ord("\n")) + 1
+  if not len(ends) or ends[-1] != len(data):
+    ends = np.append(ends, len(data))
+  starts = np.concatenate([[0], ends[:-1]])
+  docs = []
+  for line, (start, stop) in enumerate(zip(starts.tolist(), ends.tolist()), 1):
+    if data[start:stop].tobytes().strip():
+      docs.append(Document(path, f"{key}:{line}", start, stop, line))
+  if docs:
+    first = docs[0]
+    _record_text(data[first.start : first.stop].tobytes(), text_key, f"{path} line {first.line}")
+  return docs

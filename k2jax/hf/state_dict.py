@@ -1,0 +1,284 @@
+"""Hugging Face DeepseekV3 state dicts <-> k2jax variables, in memory (numpy arrays).
+
+HF Linear weights are [out, in]; k2jax kernels are [in, out], blocks stacked per kind along a
+leading layers axis (docs/INTERFACES.md). Routed experts are read under either naming:
+transformers 5.x's fused `mlp.experts.gate_up_proj` [E, 2F, D] (gate rows first) and
+`mlp.experts.down_proj` [E, D, F], or the hub checkpoints' per-expert
+`mlp.experts.{e}.{gate,up,down}_proj.weight`.
+Multi-token-prediction layers (`model.layers.{L + k}`, k < num_nextn_predict_layers) are skipped,
+as transformers' DeepseekV3ForCausalLM does.
+
+`rope_interleave=False` (HF's rotate-half RoPE, which pairs rotary dims (j, j + dr/2)) is mapped
+exactly rather than rejected: rotary row j goes to 2j and row j + dr/2 to 2j + 1, in every head of
+q_b / q_proj and in kv_a's k_pe rows. k2jax's interleaved RoPE then rotates the same pairs by the
+same angles, so every q.k product has the same terms (only the summation order differs).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from k2jax.config import ModelConfig
+
+Path = tuple[str, ...]
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_HUB_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.")
+
+
+class _Entry(NamedTuple):
+  """One HF tensor and the k2jax leaf slices it fills: (leaf path, index) per target."""
+
+  name: str
+  shape: tuple[int, ...]
+  targets: tuple[tuple[Path, tuple[int, ...]], ...]
+  to_ours: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+  to_hf: Callable[..., np.ndarray]
+
+
+def from_torch_state_dict(cfg: ModelConfig, state_dict: Mapping[str, Any], *,
+                          rope_interleave: bool = True) -> dict:
+  """k2jax variables {"params", "router"} (numpy) from HF tensors (torch or numpy), HF names.
+
+  `rope_interleave` is the HF config's flag (False: rotate-half weights, permuted on the way in).
+  """
+  n_main, n_mtp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+  sd = {k: v for k, v in state_dict.items() if not _is_mtp(k, n_main, n_mtp)}
+  hub = any(_HUB_EXPERT.search(k) for k in sd)
+  entries = _entries(cfg, hub_experts=hub, rope_interleave=rope_interleave)
+  known = {e.name for e in entries}
+  for name in sorted(sd):
+    if name not in known:
+      if name.endswith("_scale_inv"):
+        raise ValueError(f"tensor {name!r}: FP8 block-quantized weights must be dequantized first")
+      raise ValueError(f"unexpected tensor {name!r} for this config")
+  shapes = _leaf_shapes(cfg)
+  leaves = {p: np.zeros(s, _leaf_dtype(cfg, p)) for p, s in shapes.items()}
+  for e in entries:
+    if e.name not in sd:
+      if not e.targets:  # an empty shared-expert MLP (n_shared_experts=0) may be left out.
+        continue
+      raise ValueError(f"missing tensor {e.name!r}")
+    w = _to_numpy(sd[e.name], e.name)
+    if w.shape != e.shape:
+      raise ValueError(f"tensor {e.name!r} has shape {tuple(w.shape)}, expected {e.shape}")
+    for (path, index), value in zip(e.targets, e.to_ours(w)):
+      leaves[path][index] = value
+  return _nest(leaves)
+
+
+def to_torch_state_dict(cfg: ModelConfig, variables: Mapping[str, Any], *,
+                        hub_names: bool = False, rope_interleave: bool = True) -> dict:
+  """HF tensors (numpy, [out, in]) named as installed transformers' DeepseekV3ForCausalLM does.
+
+  `hub_names=True` writes the routed experts one by one, as hub checkpoints store them.
+  `rope_interleave=False` writes rotate-half weights (for an HF config with that flag).
+  """
+  flat = _flatten({c: variables[c] for c in ("params", "router") if c in variables})
+  shapes = _leaf_shapes(cfg)
+  for path in sorted(set(flat) - set(shapes)):
+    raise ValueError(f"unexpected variable {'/'.join(path)!r} for this config")
+  for path, shape in shapes.items():
+    if path not in flat:
+      raise ValueError(f"missing variable {'/'.join(path)!r}")
+    if flat[path].shape != shape:
+      raise ValueError(f"variable {'/'.join(path)!r} has shape {flat[path].shape}, "
+                       f"expected {shape}")
+  out = {}
+  for e in _entries(cfg, hub_experts=hub_names, rope_interleave=rope_interleave):
+    slices = [flat[path][index] for path, index in e.targets]
+    out[e.name] = np.ascontiguousarray(e.to_hf(*slices))
+  return out
+
+
+def _is_mtp(name: str, n_main: int, n_mtp: int) -> bool:
+  m = _LAYER.match(name)
+  return m is not None and n_main <= int(m.group(1)) < n_main + n_mtp
+
+
+def _to_numpy(x: Any, name: str) -> np.ndarray:
+  """numpy view of a torch tensor (bfloat16 via ml_dtypes) or of any array."""
+  if hasattr(x, "detach"):
+    import torch  # only reached with torch tensors; torch is a test-only dependency.
+
+    t = x.detach().cpu()
+    if t.dtype == torch.bfloat16:
+      return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    if not (t.dtype.is_floating_point and t.dtype.itemsize >= 2):
+      raise ValueError(f"tensor {name!r} has dtype {t.dtype}; expected a float of 16+ bits "
+                       "(FP8 checkpoints must be dequantized first)")
+    return t.numpy()
+  return np.asarray(x)
+
+
+def _leaf_dtype(cfg: ModelConfig, path: Path) -> np.dtype:
+  return np.dtype(np.float32 if path[0] == "router" else jnp.dtype(cfg.param_dtype))
+
+
+def _leaf_shapes(cfg: ModelConfig) -> dict[Path, tuple[int, ...]]:
+  """k2jax variable shapes, in docs/INTERFACES.md layout, keyed by path."""
+  D, H, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
+  dn, dr, dv, kv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+  E, F, S = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.n_shared_experts
+  ql = cfg.q_lora_rank
+  shapes = {("params", "embed", "embedding"): (V, D)}
+  for kind, L in (("dense_layers", cfg.num_dense_layers), ("moe_layers", cfg.num_moe_layers)):
+    if L == 0:
+      continue
+    p, a = ("params", kind), ("params", kind, "attn")
+    shapes[p + ("attn_norm", "scale")] = (L, D)
+    if ql is None:
+      shapes[a + ("q_proj", "kernel")] = (L, D, H * (dn + dr))
+    else:
+      shapes[a + ("q_a", "kernel")] = (L, D, ql)
+      shapes[a + ("q_a_norm", "scale")] = (L, ql)
+      shapes[a + ("q_b", "kernel")] = (L, ql, H * (dn + dr))
+    shapes[a + ("kv_a", "kernel")] = (L, D, kv + dr)
+    shapes[a + ("kv_a_norm", "scale")] = (L, kv)
+    shapes[a + ("kv_b", "kernel")] = (L, kv, H * (dn + dv))
+    shapes[a + ("o", "kernel")] = (L, H * dv, D)
+    shapes[p + ("ffn_norm", "scale")] = (L, D)
+    if kind == "dense_layers":
+      I = cfg.intermediate_size
+      shapes[p + ("mlp", "gate", "kernel")] = (L, D, I)
+      shapes[p + ("mlp", "up", "kernel")] = (L, D, I)
+      shapes[p + ("mlp", "down", "kernel")] = (L, I, D)
+    else:
+      m = p + ("moe",)
+      shapes[m + ("router", "kernel")] = (L, D, E)
+      shapes[m + ("experts", "gate")] = (L, E, D, F)
+      shapes[m + ("experts", "up")] = (L, E, D, F)
+      shapes[m + ("experts", "down")] = (L, E, F, D)
+      if S > 0:
+        shapes[m + ("shared", "gate", "kernel")] = (L, D, S * F)
+        shapes[m + ("shared", "up", "kernel")] = (L, D, S * F)
+        shapes[m + ("shared", "down", "kernel")] = (L, S * F, D)
+      shapes[("router", kind, "moe", "e_score_correction_bias")] = (L, E)
+  shapes[("params", "final_norm", "scale")] = (D,)
+  shapes[("params", "lm_head", "kernel")] = (D, V)
+  return shapes
+
+
+def _copy(name: str, shape: tuple[int, ...], path: Path, index: tuple[int, ...]) -> _Entry:
+  return _Entry(name, shape, ((path, index),), lambda w: (w,), lambda w: w)
+
+
+def _linear(name: str, shape: tuple[int, ...], path: Path, index: tuple[int, ...],
+            rows: np.ndarray | None = None) -> _Entry:
+  """HF Linear weight [out, in] <-> kernel [in, out]; `rows` reorders HF outputs into ours."""
+  if rows is None:
+    return _Entry(name, shape, ((path, index),), lambda w: (w.T,), lambda k: k.T)
+  inverse = np.argsort(rows)
+  return _Entry(name, shape, ((path, index),), lambda w: (w[rows].T,), lambda k: k.T[inverse])
+
+
+def _rope_rows(dr: int, rope_interleave: bool) -> np.ndarray:
+  """HF rotary dim feeding each k2jax (interleaved) rotary dim: 2j <- j, 2j+1 <- j + dr/2."""
+  if rope_interleave:
+    return np.arange(dr)
+  half = np.arange(dr // 2)
+  return np.stack([half, half + dr // 2], axis=-1).reshape(-1)
+
+
+def _entries(cfg: ModelConfig, *, hub_experts: bool, rope_interleave: bool) -> list[_Entry]:
+  """Every HF tensor of `cfg`, in the order of DeepseekV3ForCausalLM.state_dict()."""
+  D, H, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
+  dn, dr, dv, kv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+  E, F, S = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.n_shared_experts
+  ql = cfg.q_lora_rank
+  rope = _rope_rows(dr, rope_interleave)
+  q_rows = np.arange(H * (dn + dr)).reshape(H, dn + dr)
+  q_rows[:, dn:] = q_rows[:, dn:][:, rope]
+  q_rows = q_rows.reshape(-1)
+  kv_rows = np.concatenate([np.arange(kv), kv + rope])
+
+  entries = [_copy("model.embed_tokens.weight", (V, D), ("params", "embed", "embedding"), ())]
+  for i in range(cfg.num_hidden_layers):
+    dense = i < cfg.first_k_dense_replace
+    kind = "dense_layers" if dense else "moe_layers"
+    j = (i if dense else i - cfg.first_k_dense_replace,)
+    hf, p, a = f"model.layers.{i}.", ("params", kind), ("params", kind, "attn")
+    if ql is None:
+      entries.append(_linear(hf + "self_attn.q_proj.weight", (H * (dn + dr), D),
+                             a + ("q_proj", "kernel"), j, q_rows))
+    else:
+      entries += [
+          _linear(hf + "self_attn.q_a_proj.weight", (ql, D), a + ("q_a", "kernel"), j),
+          _copy(hf + "self_attn.q_a_layernorm.weight", (ql,), a + ("q_a_norm", "scale"), j),
+          _linear(hf + "self_attn.q_b_proj.weight", (H * (dn + dr), ql), a + ("q_b", "kernel"),
+                  j, q_rows)]
+    entries += [
+        _linear(hf + "self_attn.kv_a_proj_with_mqa.weight", (kv + dr, D), a + ("kv_a", "kernel"),
+                j, kv_rows),
+        _copy(hf + "self_attn.kv_a_layernorm.weight", (kv,), a + ("kv_a_norm", "scale"), j),
+        _linear(hf + "self_attn.kv_b_proj.weight", (H * (dn + dv), kv), a + ("kv_b", "kernel"), j),
+        _linear(hf + "self_attn.o_proj.weight", (D, H * dv), a + ("o", "kernel"), j)]
+    if dense:
+      I = cfg.intermediate_size
+      entries += [_linear(hf + f"mlp.{n}_proj.weight", (D, I) if n == "down" else (I, D),
+                          p + ("mlp", n, "kernel"), j) for n in ("gate", "up", "down")]
+    else:
+      entries += _moe_entries(hf + "mlp.", p + ("moe",), ("router", kind, "moe"), j, D, E, F, S,
+                              hub_experts)
+    entries += [
+        _copy(hf + "input_layernorm.weight", (D,), p + ("attn_norm", "scale"), j),
+        _copy(hf + "post_attention_layernorm.weight", (D,), p + ("ffn_norm", "scale"), j)]
+  entries += [_copy("model.norm.weight", (D,), ("params", "final_norm", "scale"), ()),
+              _linear("lm_head.weight", (V, D), ("params", "lm_head", "kernel"), ())]
+  return entries
+
+
+def _moe_entries(hf: str, m: Path, r: Path, j: tuple[int], D: int, E: int, F: int, S: int,
+                 hub_experts: bool) -> list[_Entry]:
+  """Routed experts, router and shared experts of one MoE layer (HF prefix `hf` = '...mlp.')."""
+  ex = m + ("experts",)
+  if hub_experts:
+    entries = []
+    for e in range(E):
+      entries += [
+          _linear(f"{hf}experts.{e}.gate_proj.weight", (F, D), ex + ("gate",), j + (e,)),
+          _linear(f"{hf}experts.{e}.up_proj.weight", (F, D), ex + ("up",), j + (e,)),
+          _linear(f"{hf}experts.{e}.down_proj.weight", (D, F), ex + ("down",), j + (e,))]
+  else:
+    swap = lambda w: w.transpose(0, 2, 1)
+    entries = [
+        _Entry(hf + "experts.gate_up_proj", (E, 2 * F, D),
+               ((ex + ("gate",), j), (ex + ("up",), j)),
+               lambda w: (swap(w[:, :F]), swap(w[:, F:])),
+               lambda g, u: swap(np.concatenate([g, u], axis=-1))),
+        _Entry(hf + "experts.down_proj", (E, D, F), ((ex + ("down",), j),),
+               lambda w: (swap(w),), swap)]
+  entries += [_linear(hf + "gate.weight", (E, D), m + ("router", "kernel"), j),
+              _copy(hf + "gate.e_score_correction_bias", (E,), r + ("e_score_correction_bias",), j)]
+  for n in ("gate", "up", "down"):
+    name, shape = f"{hf}shared_experts.{n}_proj.weight", (D, S * F) if n == "down" else (S * F, D)
+    if S > 0:
+      entries.append(_linear(name, shape, m + ("shared", n, "kernel"), j))
+    else:  # transformers keeps a zero-width shared MLP; k2jax has no variable for it.
+      entries.append(_Entry(name, shape, (), lambda w: (), lambda s=shape: np.zeros(s, np.float32)))
+  return entries
+
+
+def _flatten(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, np.ndarray]:
+  flat = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      flat.update(_flatten(v, prefix + (k,)))
+    else:
+      flat[prefix + (k,)] = np.asarray(v)
+  return flat
+
+
+def _nest(flat: dict[Path, np.ndarray]) -> dict:
+  tree: dict = {"params": {}, "router": {}}
+  for path, value in flat.items():
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = value
+  return tree

@@ -1,0 +1,104 @@
+"""DeepSeekMoE: sigmoid router with bias-corrected (group-limited) top-k, routed + shared experts.
+
+Selection uses scores + e_score_correction_bias; the weights are the UNBIASED scores of the chosen
+experts, renormalised and times routed_scaling_factor (K2_SPEC §3). The bias lives in the `router`
+variable collection, is never trained by gradient, and is moved between steps by
+`update_router_bias` (auxiliary-loss-free balancing).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from k2jax.config import ModelConfig
+from k2jax.model.dispatch import routed_experts
+from k2jax.model.layers import MLP, Dense, normal_init
+
+
+def select_experts(scores_TE: jnp.ndarray, bias_E: jnp.ndarray, cfg: ModelConfig):
+  """Returns (expert indices [T, k], combine weights [T, k]) — the noaux_tc router."""
+  T, E = scores_TE.shape
+  choice_TE = scores_TE + bias_E
+  if cfg.n_group > 1:
+    grouped_TGe = choice_TE.reshape(T, cfg.n_group, E // cfg.n_group)
+    group_scores_TG = jax.lax.top_k(grouped_TGe, 2)[0].sum(-1)
+    _, keep_TK = jax.lax.top_k(group_scores_TG, cfg.topk_group)
+    group_mask_TG = jnp.zeros((T, cfg.n_group), bool).at[jnp.arange(T)[:, None], keep_TK].set(True)
+    expert_mask_TE = jnp.repeat(group_mask_TG, E // cfg.n_group, axis=1)
+    choice_TE = jnp.where(expert_mask_TE, choice_TE, -jnp.inf)
+  _, idx_TK = jax.lax.top_k(choice_TE, cfg.num_experts_per_tok)
+  w_TK = jnp.take_along_axis(scores_TE, idx_TK, axis=-1)
+  if cfg.norm_topk_prob:
+    w_TK = w_TK / (w_TK.sum(-1, keepdims=True) + 1e-20)
+  return idx_TK, w_TK * cfg.routed_scaling_factor
+
+
+def balance_loss(scores_BSE: jnp.ndarray, idx_BSK: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
+  """Sequence-wise balance loss sum_i f_i P_i, averaged over sequences (DS-V3), before alpha."""
+  B, S, E = scores_BSE.shape
+  k = cfg.num_experts_per_tok
+  counts_BE = jax.vmap(lambda idx: jnp.zeros(E).at[idx.reshape(-1)].add(1.0))(idx_BSK)
+  f_BE = counts_BE * E / (k * S)
+  p_BE = jnp.mean(scores_BSE / scores_BSE.sum(-1, keepdims=True), axis=1)
+  return jnp.mean(jnp.sum(f_BE * p_BE, axis=-1))
+
+
+def update_router_bias(bias_LE: jnp.ndarray, load_LE: jnp.ndarray, rate: float,
+                       centered: bool = False) -> jnp.ndarray:
+  """Auxiliary-loss-free balancing: b += rate * sign(mean load - load) (DS-V3).
+
+  `centered` is Moonlight's variant, which subtracts the mean sign so the biases keep a zero mean.
+  """
+  sign_LE = jnp.sign(jnp.mean(load_LE, axis=-1, keepdims=True) - load_LE)
+  if centered:
+    sign_LE = sign_LE - jnp.mean(sign_LE, axis=-1, keepdims=True)
+  return bias_LE + rate * sign_LE
+
+
+class Experts(nn.Module):
+  """The routed experts' stacked SwiGLU weights, applied through the configured dispatch."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_TD, idx_TK, w_TK):
+    cfg = self.cfg
+    E, D, F = cfg.n_routed_experts, x_TD.shape[-1], cfg.moe_intermediate_size
+    pdt = jnp.dtype(cfg.param_dtype)
+    wg_EDF = self.param("gate", normal_init(cfg, ("expert", "embed", "moe_mlp")), (E, D, F), pdt)
+    wu_EDF = self.param("up", normal_init(cfg, ("expert", "embed", "moe_mlp")), (E, D, F), pdt)
+    wd_EFD = self.param("down", normal_init(cfg, ("expert", "moe_mlp", "embed")), (E, F, D), pdt)
+    return routed_experts(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, dispatch=cfg.moe_dispatch,
+                          capacity_factor=cfg.capacity_factor, block_size=cfg.moe_block_size,
+                          dtype=jnp.dtype(cfg.dtype))
+
+
+class MoE(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BSD: jnp.ndarray):
+    """Returns (out_BSD, aux) with aux = expert_load [E], balance_loss, dropped_frac."""
+    cfg = self.cfg
+    B, S, D = x_BSD.shape
+    E = cfg.n_routed_experts
+    bias_E = self.variable("router", "e_score_correction_bias",
+                           nn.with_logical_partitioning(jnp.zeros, ("router",)), (E,), jnp.float32)
+    x_TD = x_BSD.reshape(B * S, D)
+    logits_TE = Dense(cfg.replace(dtype="float32"), E, ("embed", "router"), name="router")(x_TD)
+    scores_TE = jax.nn.sigmoid(logits_TE)
+    idx_TK, w_TK = select_experts(scores_TE, jax.lax.stop_gradient(bias_E.value), cfg)
+    routed_TD, dropped_frac = Experts(cfg, name="experts")(x_TD, idx_TK, w_TK)
+    out_BSD = routed_TD.reshape(B, S, D)
+    if cfg.n_shared_experts:
+      out_BSD = out_BSD + MLP(cfg, cfg.n_shared_experts * cfg.moe_intermediate_size,
+                              name="shared")(x_BSD)
+    aux = {
+        "expert_load": jnp.zeros(E, jnp.float32).at[idx_TK.reshape(-1)].add(1.0),
+        "balance_loss": balance_loss(scores_TE.reshape(B, S, E),
+                                     idx_TK.reshape(B, S, -1), cfg) * cfg.aux_loss_alpha,
+        "dropped_frac": dropped_frac,
+    }
+    return out_BSD, aux

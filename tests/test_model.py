@@ -1,0 +1,142 @@
+"""The Transformer: max logits vs brute force, scan/remat/precision invariants, overfitting."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from k2jax import presets
+from k2jax.config import softmax_scale
+from k2jax.model import Transformer, init_variables, logical_axes
+from k2jax.model.attention import MLA
+from k2jax.model.rope import apply_rope
+
+
+def rms(x, scale, eps):
+  return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * scale
+
+
+def brute_force_logits(p, x, cfg):
+  """All pre-softmax logits [B, H, T, S] of one MLA layer in float64 from its parameters."""
+  H, dn, dr = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+  B, T, _ = x.shape
+  q = rms(x @ p["q_a"]["kernel"], p["q_a_norm"]["scale"], 1e-6) @ p["q_b"]["kernel"]
+  q = q.reshape(B, T, H, dn + dr)
+  kv = x @ p["kv_a"]["kernel"]
+  c, k_pe = kv[..., :cfg.kv_lora_rank], kv[..., cfg.kv_lora_rank:]
+  k_nope = (rms(c, p["kv_a_norm"]["scale"], 1e-6) @ p["kv_b"]["kernel"]).reshape(B, T, H, -1)
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  q_pe = np.asarray(apply_rope(jnp.asarray(q[..., dn:], jnp.float32), pos, cfg), np.float64)
+  k_pe = np.asarray(apply_rope(jnp.asarray(k_pe[:, :, None], jnp.float32), pos, cfg), np.float64)
+  logits = np.einsum("bthd,bshd->bhts", q[..., :dn], k_nope[..., :dn])
+  logits += np.einsum("bthd,bsd->bhts", q_pe, k_pe[:, :, 0])
+  return logits * softmax_scale(cfg)
+
+
+def test_mla_max_logits_are_the_causal_brute_force_max():
+  cfg = presets.get("k2_nano", init_std=0.2)
+  x = jax.random.normal(jax.random.key(0), (2, 12, cfg.hidden_size))
+  # Make the last token's key huge so that a non-causal max would differ from the causal one.
+  x = x.at[:, -1].multiply(20.0)
+  mla = MLA(cfg)
+  pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+  params = mla.init(jax.random.key(1), x, pos)["params"]
+  _, max_logits = mla.apply({"params": jax.tree.map(lambda a: a.value, params,
+                                                     is_leaf=lambda a: hasattr(a, "value"))},
+                            x, pos)
+  logits = brute_force_logits(jax.tree.map(lambda a: a.value, params,
+                                           is_leaf=lambda a: hasattr(a, "value")),
+                              np.asarray(x, np.float64), cfg)
+  causal = np.tril(np.ones((12, 12), bool))
+  want = np.where(causal, logits, -np.inf).max(axis=(0, 2, 3))
+  np.testing.assert_allclose(max_logits, want, rtol=2e-5)
+  assert (logits.max(axis=(0, 2, 3)) > want + 1e-3).any(), "test needs masked pairs to matter"
+
+
+def test_transformer_max_logits_of_first_layer():
+  cfg = presets.get("k2_nano", init_std=0.1)
+  variables = init_variables(cfg, 0)
+  tokens = jax.random.randint(jax.random.key(2), (2, 10), 0, cfg.vocab_size)
+  _, aux = Transformer(cfg).apply(variables, tokens)
+  p = variables["params"]
+  x = np.asarray(p["embed"]["embedding"], np.float64)[np.asarray(tokens)]
+  x = rms(x, np.asarray(p["dense_layers"]["attn_norm"]["scale"][0], np.float64), cfg.rms_norm_eps)
+  layer0 = jax.tree.map(lambda a: a[0], p["dense_layers"]["attn"])
+  logits = brute_force_logits(layer0, x, cfg)
+  want = np.where(np.tril(np.ones((10, 10), bool)), logits, -np.inf).max(axis=(0, 2, 3))
+  assert aux["max_logits"].shape == (cfg.num_hidden_layers, cfg.num_attention_heads)
+  np.testing.assert_allclose(aux["max_logits"][0], want, rtol=2e-5)
+
+
+def test_aux_shapes_and_expert_load_counts():
+  cfg = presets.get("k2_nano")
+  variables = init_variables(cfg, 0)
+  tokens = jnp.zeros((3, 7), jnp.int32)
+  logits, aux = Transformer(cfg).apply(variables, tokens)
+  assert logits.shape == (3, 7, cfg.vocab_size) and logits.dtype == jnp.float32
+  assert aux["expert_load"].shape == (cfg.num_moe_layers, cfg.n_routed_experts)
+  np.testing.assert_array_equal(aux["expert_load"].sum(-1), 3 * 7 * cfg.num_experts_per_tok)
+  assert float(aux["dropped_frac"]) == 0.0 and float(aux["balance_loss"]) == 0.0
+
+
+def loss_fn(params, router, cfg, tokens):
+  logits, _ = Transformer(cfg).apply({"params": params, "router": router}, tokens[:, :-1])
+  logp = jax.nn.log_softmax(logits)
+  return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+
+
+def test_scan_unroll_and_remat_compute_the_same_function():
+  cfg = presets.get("k2_nano", num_hidden_layers=2)
+  v = init_variables(cfg, 0)
+  tokens = jax.random.randint(jax.random.key(3), (2, 9), 0, cfg.vocab_size)
+  ref_loss, ref_grads = jax.value_and_grad(loss_fn)(v["params"], v["router"], cfg, tokens)
+  for changes in (dict(scan_layers=False), dict(remat="full"), dict(remat="dots")):
+    loss, grads = jax.value_and_grad(loss_fn)(v["params"], v["router"], cfg.replace(**changes),
+                                              tokens)
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_bfloat16_compute_is_close_to_float32():
+  cfg = presets.get("k2_nano")
+  v = init_variables(cfg, 0)
+  tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, cfg.vocab_size)
+  ref, _ = Transformer(cfg).apply(v, tokens)
+  got, _ = Transformer(cfg.replace(dtype="bfloat16")).apply(v, tokens)
+  assert got.dtype == jnp.float32
+  # Mean error: a rare bf16-induced flip of a routed expert moves single logits further.
+  rel = float(jnp.mean(jnp.abs(got - ref)) / jnp.mean(jnp.abs(ref)))
+  assert 0 < rel < 0.02, rel
+
+
+def test_every_parameter_has_logical_axes():
+  cfg = presets.get("k2_nano")
+  axes = logical_axes(cfg)
+  shapes = jax.tree.map(jnp.shape, init_variables(cfg, 0))
+  flat_axes = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+  flat_shapes = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  assert len(flat_axes) == len(flat_shapes)
+  for names, shape in zip(flat_axes, flat_shapes):
+    assert len(names) == len(shape)
+  assert axes["params"]["moe_layers"]["moe"]["experts"]["gate"] == (
+      "layers", "expert", "embed", "moe_mlp")
+  assert axes["router"]["moe_layers"]["moe"]["e_score_correction_bias"] == ("layers", "router")
+
+
+def test_nano_overfits_one_batch_with_gradient_descent():
+  cfg = presets.get("k2_nano")
+  v = init_variables(cfg, 0)
+  tokens = (jnp.arange(4)[:, None] * 7 + jnp.arange(33)[None] * 3) % 64  # learnable bigrams
+
+  @jax.jit
+  def step(params):
+    loss, grads = jax.value_and_grad(loss_fn)(params, v["router"], cfg, tokens)
+    return jax.tree.map(lambda p, g: p - 1.0 * g, params, grads), loss, grads
+
+  params, first, _ = step(v["params"])
+  for _ in range(80):
+    params, loss, grads = step(params)
+  assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+  assert float(loss) < 0.3 * float(first), (float(first), float(loss))
