@@ -2,25 +2,30 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.runtime-installed
+TESTDEPS := $(VENV)/.test-installed
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): requirements.txt requirements-test.txt pyproject.toml
+$(RUNTIME): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-test.txt
+	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
-	touch $(STAMP)
+	touch $@
 
-demo: $(STAMP)
+$(TESTDEPS): $(RUNTIME) requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+demo: $(RUNTIME)
 	$(PY) experiments/train.py --config=experiments/configs/k2_nano.py --workdir=workdirs/k2_nano
 
-test: $(STAMP)
+test: $(TESTDEPS)
 	$(VENV)/bin/ruff check k2jax tests experiments benchmarks
 	$(PY) -m pytest -q -n 2 tests
 
-bench: $(STAMP)
+bench: $(TESTDEPS)
 	$(PY) benchmarks/run_all.py
 
 clean:

@@ -20,11 +20,12 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-import jax.numpy as jnp
+import jax
 import ml_dtypes
 import numpy as np
 
 from k2jax.config import ModelConfig
+from k2jax.model import abstract_variables
 
 Path = tuple[str, ...]
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -57,8 +58,7 @@ def from_torch_state_dict(cfg: ModelConfig, state_dict: Mapping[str, Any], *,
       if name.endswith("_scale_inv"):
         raise ValueError(f"tensor {name!r}: FP8 block-quantized weights must be dequantized first")
       raise ValueError(f"unexpected tensor {name!r} for this config")
-  shapes = _leaf_shapes(cfg)
-  leaves = {p: np.zeros(s, _leaf_dtype(cfg, p)) for p, s in shapes.items()}
+  leaves = {p: np.zeros(a.shape, a.dtype) for p, a in _leaf_structs(cfg).items()}
   for e in entries:
     if e.name not in sd:
       if not e.targets:  # an empty shared-expert MLP (n_shared_experts=0) may be left out.
@@ -80,7 +80,7 @@ def to_torch_state_dict(cfg: ModelConfig, variables: Mapping[str, Any], *,
   `rope_interleave=False` writes rotate-half weights (for an HF config with that flag).
   """
   flat = _flatten({c: variables[c] for c in ("params", "router") if c in variables})
-  shapes = _leaf_shapes(cfg)
+  shapes = {p: a.shape for p, a in _leaf_structs(cfg).items()}
   for path in sorted(set(flat) - set(shapes)):
     raise ValueError(f"unexpected variable {'/'.join(path)!r} for this config")
   for path, shape in shapes.items():
@@ -116,52 +116,10 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
   return np.asarray(x)
 
 
-def _leaf_dtype(cfg: ModelConfig, path: Path) -> np.dtype:
-  return np.dtype(np.float32 if path[0] == "router" else jnp.dtype(cfg.param_dtype))
-
-
-def _leaf_shapes(cfg: ModelConfig) -> dict[Path, tuple[int, ...]]:
-  """k2jax variable shapes, in docs/INTERFACES.md layout, keyed by path."""
-  D, H, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
-  dn, dr, dv, kv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-  E, F, S = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.n_shared_experts
-  ql = cfg.q_lora_rank
-  shapes = {("params", "embed", "embedding"): (V, D)}
-  for kind, L in (("dense_layers", cfg.num_dense_layers), ("moe_layers", cfg.num_moe_layers)):
-    if L == 0:
-      continue
-    p, a = ("params", kind), ("params", kind, "attn")
-    shapes[p + ("attn_norm", "scale")] = (L, D)
-    if ql is None:
-      shapes[a + ("q_proj", "kernel")] = (L, D, H * (dn + dr))
-    else:
-      shapes[a + ("q_a", "kernel")] = (L, D, ql)
-      shapes[a + ("q_a_norm", "scale")] = (L, ql)
-      shapes[a + ("q_b", "kernel")] = (L, ql, H * (dn + dr))
-    shapes[a + ("kv_a", "kernel")] = (L, D, kv + dr)
-    shapes[a + ("kv_a_norm", "scale")] = (L, kv)
-    shapes[a + ("kv_b", "kernel")] = (L, kv, H * (dn + dv))
-    shapes[a + ("o", "kernel")] = (L, H * dv, D)
-    shapes[p + ("ffn_norm", "scale")] = (L, D)
-    if kind == "dense_layers":
-      I = cfg.intermediate_size
-      shapes[p + ("mlp", "gate", "kernel")] = (L, D, I)
-      shapes[p + ("mlp", "up", "kernel")] = (L, D, I)
-      shapes[p + ("mlp", "down", "kernel")] = (L, I, D)
-    else:
-      m = p + ("moe",)
-      shapes[m + ("router", "kernel")] = (L, D, E)
-      shapes[m + ("experts", "gate")] = (L, E, D, F)
-      shapes[m + ("experts", "up")] = (L, E, D, F)
-      shapes[m + ("experts", "down")] = (L, E, F, D)
-      if S > 0:
-        shapes[m + ("shared", "gate", "kernel")] = (L, D, S * F)
-        shapes[m + ("shared", "up", "kernel")] = (L, D, S * F)
-        shapes[m + ("shared", "down", "kernel")] = (L, S * F, D)
-      shapes[("router", kind, "moe", "e_score_correction_bias")] = (L, E)
-  shapes[("params", "final_norm", "scale")] = (D,)
-  shapes[("params", "lm_head", "kernel")] = (D, V)
-  return shapes
+def _leaf_structs(cfg: ModelConfig) -> dict[Path, Any]:
+  """The model's variable shapes and dtypes (docs/INTERFACES.md layout), keyed by path."""
+  return {tuple(k.key for k in path): leaf for path, leaf
+          in jax.tree_util.tree_flatten_with_path(abstract_variables(cfg))[0]}
 
 
 def _copy(name: str, shape: tuple[int, ...], path: Path, index: tuple[int, ...]) -> _Entry:
