@@ -52,7 +52,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   init_std: float = 0.02
   moe_dispatch: str = "sort"  # sort (dropless, CPU default) | capacity | ragged (GPU/TPU).
-  capacity_factor: float = 1.25  # only for moe_dispatch="capacity".
+  capacity_factor: float = 1.25  # capacity path; also the sort path's fast no-drop layout.
   moe_block_size: int = 64  # rows per expert block in the dropless sort path.
   scan_layers: bool = True
   remat: str = "none"  # none | full | dots (save matmul outputs).

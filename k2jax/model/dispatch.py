@@ -1,19 +1,25 @@
 """Routed-expert dispatch: y[t] = sum_k w[t, k] * SwiGLU_{idx[t, k]}(x[t]).
 
-All paths share one picture. The T*K (token, expert) assignments are sorted by expert (stable,
-so token order within an expert); each expert's assignments get a segment of rows in a buffer;
-`src_R` says which assignment feeds each row, `dest_A` where each assignment's output lands. Rows
-are gathered from x, pushed through their expert's SwiGLU, and combined back per token.
+All paths share one picture. The T*K (token, expert) assignments a = t*K + k are sorted by
+expert (stable, so token order within an expert); each expert gets a segment of rows in a buffer
+(a layout): `src_R` names the assignment feeding each row, `dest_A` the row holding each
+assignment. Rows are gathered from x, pushed through their expert's SwiGLU, summed per token.
 
-- "sort": dropless. Segments padded to multiples of `block_size`; each block of rows is one
-  batched matmul with its expert's weights (gathered per block).
-- "capacity": every expert gets `C = ceil(capacity_factor * T*K / E)` rows; assignments beyond
-  (in token order) are dropped. One batched einsum over [E, C, D].
-- "ragged": unpadded segments through `jax.lax.ragged_dot` (GPU/TPU; dense on CPU).
+- "capacity": every expert gets C = ceil(capacity_factor * T*K / E) rows; assignments beyond
+  (in token order) are dropped. One batched matmul over [E, C, D].
+- "sort": dropless and exact. When every expert's load fits C rows it runs the capacity layout
+  (nothing drops); otherwise a block layout: segments padded to whole blocks of `block_size` rows,
+  one expert per block, the blocks' weights gathered, one batched matmul over the blocks.
+- "ragged": unpadded segments through `jax.lax.ragged_dot` (GPU/TPU; XLA:CPU computes it densely).
+
+"capacity" and "sort" share one custom VJP. Its backward runs every matmul in the compute dtype
+too, each in the row-major [M, K] @ [K, N] form XLA:CPU's fast (YNNPACK) bf16 kernel takes, and
+moves rows with gathers (no scatters). `swiglu` is the same SwiGLU for a dense layer.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -26,7 +32,7 @@ DISPATCHES = ("sort", "capacity", "ragged")
 
 
 class _Sorted(NamedTuple):
-  """Assignments (a = t*K + k) sorted by expert; `rank_S` counts within each expert."""
+  """Assignments sorted by expert; `rank_S` counts within each expert."""
 
   order_S: jnp.ndarray  # assignment id of each sorted slot
   expert_S: jnp.ndarray
@@ -35,10 +41,11 @@ class _Sorted(NamedTuple):
 
 
 class _Layout(NamedTuple):
-  """Rows of the expert buffer: which assignment feeds each row, where each assignment lands."""
+  """Rows of an expert buffer, in groups of equal size run by one expert each."""
 
-  src_R: jnp.ndarray  # assignment id per row; A marks an empty row
-  dest_A: jnp.ndarray  # row per assignment; R marks a dropped assignment
+  src_R: jnp.ndarray  # assignment feeding each row; T*K marks an empty row
+  dest_A: jnp.ndarray  # row holding each assignment; R marks a dropped assignment
+  expert_G: jnp.ndarray | None  # expert of each group; None: group g is expert g
 
 
 def _sort(idx_TK: jnp.ndarray, num_experts: int) -> _Sorted:
@@ -51,7 +58,7 @@ def _sort(idx_TK: jnp.ndarray, num_experts: int) -> _Sorted:
   return _Sorted(order_S, expert_S, rank_S, counts_E)
 
 
-def _layout(s: _Sorted, seg_start_E: jnp.ndarray, num_rows: int, keep_S=None) -> _Layout:
+def _place(s: _Sorted, seg_start_E, num_rows: int, keep_S=None, expert_G=None) -> _Layout:
   """Sorted slot i goes to row seg_start[expert] + rank, unless `keep_S` drops it."""
   num_assign = s.order_S.shape[0]
   dest_S = seg_start_E[s.expert_S] + s.rank_S
@@ -60,67 +67,196 @@ def _layout(s: _Sorted, seg_start_E: jnp.ndarray, num_rows: int, keep_S=None) ->
   src_R = jnp.full((num_rows,), num_assign, jnp.int32).at[dest_S].set(
       s.order_S.astype(jnp.int32), mode="drop")
   dest_A = jnp.zeros((num_assign,), jnp.int32).at[s.order_S].set(dest_S.astype(jnp.int32))
-  return _Layout(src_R, dest_A)
+  return _Layout(src_R, dest_A, expert_G)
 
 
-def _gather_rows(x_TD: jnp.ndarray, src_R: jnp.ndarray, k: int) -> jnp.ndarray:
-  """Row r holds x of the token of assignment src_R[r]; empty rows are zero."""
-  return jnp.take(x_TD, src_R // k, axis=0, mode="fill", fill_value=0)
+def _capacity_layout(s: _Sorted, capacity: int) -> _Layout:
+  """Expert e owns rows [e*C, (e+1)*C); its assignments beyond C drop."""
+  E = s.counts_E.shape[0]
+  return _place(s, jnp.arange(E) * capacity, E * capacity, keep_S=s.rank_S < capacity)
 
 
-def _combine(y_RD: jnp.ndarray, dest_A: jnp.ndarray, w_TK: jnp.ndarray) -> jnp.ndarray:
-  """y[t] = sum_k w[t, k] * row dest[t*K + k] (dropped assignments add zero)."""
-  T, K = w_TK.shape
-  y_TKD = jnp.take(y_RD, dest_A, axis=0, mode="fill", fill_value=0).reshape(T, K, -1)
-  return jnp.einsum("tkd,tk->td", y_TKD, w_TK.astype(jnp.float32))
-
-
-def _swiglu(x_GMD, wg_GDF, wu_GDF, wd_GFD, dtype) -> jnp.ndarray:
-  """Per-group SwiGLU: group g's rows through group g's weights, float32 out."""
-  h_GMF = (jax.nn.silu(matmul("gmd,gdf->gmf", x_GMD, wg_GDF, dtype))
-           * matmul("gmd,gdf->gmf", x_GMD, wu_GDF, dtype))
-  return matmul("gmf,gfd->gmd", h_GMF, wd_GFD, dtype)
-
-
-def _sort_ffn(x_TD, s: _Sorted, wg_EDF, wu_EDF, wd_EFD, block_size, dtype):
-  """Dropless: segments padded to whole blocks, one expert per block."""
-  E, D, _ = wg_EDF.shape
-  num_assign = s.order_S.shape[0]
-  num_blocks = -(-num_assign // block_size) + E
+def _block_layout(s: _Sorted, block_size: int, num_blocks: int) -> _Layout:
+  """Each expert's segment padded to whole blocks; trailing blocks stay empty."""
+  E = s.counts_E.shape[0]
   padded_E = -(-s.counts_E // block_size) * block_size
   end_E = jnp.cumsum(padded_E)
-  lay = _layout(s, end_E - padded_E, num_blocks * block_size)
-  block_start_G = jnp.arange(num_blocks) * block_size
-  expert_G = jnp.minimum(jnp.searchsorted(end_E, block_start_G, side="right"), E - 1)
-  x_GMD = _gather_rows(x_TD, lay.src_R, num_assign // x_TD.shape[0]).reshape(
-      num_blocks, block_size, D)
-  cast = lambda w: w.astype(dtype)[expert_G]
-  y_GMD = _swiglu(x_GMD, cast(wg_EDF), cast(wu_EDF), cast(wd_EFD), dtype)
-  return y_GMD.reshape(-1, D), lay.dest_A
+  expert_G = jnp.searchsorted(end_E, jnp.arange(num_blocks) * block_size, side="right")
+  return _place(s, end_E - padded_E, num_blocks * block_size,
+                expert_G=jnp.minimum(expert_G, E - 1))
 
 
-def _capacity_ffn(x_TD, s: _Sorted, wg_EDF, wu_EDF, wd_EFD, capacity, dtype):
-  """Each expert takes its first `capacity` assignments in token order."""
-  E, D, _ = wg_EDF.shape
-  keep_S = s.rank_S < capacity
-  lay = _layout(s, jnp.arange(E) * capacity, E * capacity, keep_S)
-  k = s.order_S.shape[0] // x_TD.shape[0]
-  x_ECD = _gather_rows(x_TD, lay.src_R, k).reshape(E, capacity, D)
-  y_ECD = _swiglu(x_ECD, wg_EDF, wu_EDF, wd_EFD, dtype)
-  dropped = jnp.sum(~keep_S).astype(jnp.float32) / keep_S.shape[0]
-  return y_ECD.reshape(-1, D), lay.dest_A, dropped
+def _take(a: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+  """a[index] along axis 0, zero where index is out of range (empty rows, dropped slots)."""
+  return jnp.take(a, index, axis=0, mode="fill", fill_value=0)
 
 
-def _ragged_ffn(x_TD, s: _Sorted, wg_EDF, wu_EDF, wd_EFD, dtype):
-  """Unpadded sorted rows, grouped matmuls over the experts' segments."""
-  num_assign = s.order_S.shape[0]
-  lay = _layout(s, jnp.cumsum(s.counts_E) - s.counts_E, num_assign)
-  x_AD = _gather_rows(x_TD, lay.src_R, num_assign // x_TD.shape[0]).astype(dtype)
-  gs = s.counts_E.astype(jnp.int32)
-  rdot = lambda a, w: jax.lax.ragged_dot(a.astype(dtype), w.astype(dtype), gs,
+def _sum_rows(y_GMD: jnp.ndarray, dest_TK: jnp.ndarray) -> jnp.ndarray:
+  """out[t] = sum_k row dest[t, k] of y, as K gathers XLA fuses into one pass (a gather to
+  [T, K, D] and a reduction would write and re-read T*K*D floats)."""
+  y_RD = y_GMD.reshape(-1, y_GMD.shape[-1])
+  return sum(_take(y_RD, dest_TK[:, k]) for k in range(dest_TK.shape[1]))
+
+
+def _transposed(a_GIJ: jnp.ndarray) -> jnp.ndarray:
+  """a with its last two axes swapped, built by a gather: XLA folds a plain transpose into the
+  dot that consumes it, and XLA:CPU then runs that dot in float32, off its fast bf16 kernel."""
+  G, I, J = a_GIJ.shape
+  start_GJ3 = jnp.stack(jnp.broadcast_arrays(
+      jnp.arange(G)[:, None], jnp.zeros((1, J), jnp.int32), jnp.arange(J)[None, :]), axis=-1)
+  dnums = jax.lax.GatherDimensionNumbers(offset_dims=(2,), collapsed_slice_dims=(0, 2),
+                                         start_index_map=(0, 1, 2))
+  return jax.lax.gather(a_GIJ, start_GJ3, dnums, (1, I, 1))
+
+
+def _swiglu_fwd_rows(x_GMD, wgu_GDH, wd_GFD, w_GM, dtype):
+  """y = (w * silu(x @ gate) * (x @ up)) @ down per group (gate|up fused: wgu [G, D, 2F]);
+  returns y float32 and the gate|up pre-activations in `dtype` (the backward's residual)."""
+  gu_GMH = matmul("gmd,gdh->gmh", x_GMD, wgu_GDH, dtype)
+  g_GMF, u_GMF = jnp.split(gu_GMH, 2, axis=-1)
+  h_GMF = jax.nn.silu(g_GMF) * u_GMF * w_GM[..., None]
+  return matmul("gmf,gfd->gmd", h_GMF, wd_GFD, dtype), gu_GMH.astype(dtype)
+
+
+def _weight_grad(a_GMI, b_GMJ, dtype):
+  """a^T @ b per group [G, I, J] (a contraction over rows): transposes the narrower operand."""
+  if a_GMI.shape[-1] <= b_GMJ.shape[-1]:
+    return matmul("gim,gmj->gij", _transposed(a_GMI.astype(dtype)), b_GMJ, dtype)
+  return _transposed(matmul("gjm,gmi->gji", _transposed(b_GMJ.astype(dtype)), a_GMI, dtype))
+
+
+def _swiglu_bwd_rows(x_GMD, wgu_GDH, wd_GFD, w_GM, gu_GMH, dy_GMD, dtype):
+  """Cotangents (dx, dwgu, dwd, dw per row; float32) of `_swiglu_fwd_rows` given dy."""
+  dy_GMD = dy_GMD.astype(dtype)
+  g_GMF, u_GMF = jnp.split(gu_GMH.astype(jnp.float32), 2, axis=-1)
+  sig_GMF = jax.nn.sigmoid(g_GMF)
+  act_GMF = g_GMF * sig_GMF
+  dwh_GMF = matmul("gmd,gdf->gmf", dy_GMD, _transposed(wd_GFD), dtype)
+  dw_GM = jnp.sum(act_GMF * u_GMF * dwh_GMF, axis=-1)
+  dh_GMF = dwh_GMF * w_GM[..., None]
+  dgu_GMH = jnp.concatenate([dh_GMF * u_GMF * sig_GMF * (1 + g_GMF * (1 - sig_GMF)),
+                             dh_GMF * act_GMF], axis=-1).astype(dtype)
+  dwd_GFD = _weight_grad((act_GMF * u_GMF * w_GM[..., None]).astype(dtype), dy_GMD, dtype)
+  dx_GMD = matmul("gmh,ghd->gmd", dgu_GMH, _transposed(wgu_GDH), dtype)
+  return dx_GMD, _weight_grad(x_GMD, dgu_GMH, dtype), dwd_GFD, dw_GM
+
+
+def _fuse_weights(wg_EDF, wu_EDF, wd_EFD, dtype):
+  """gate|up fused [E, D, 2F] and down [E, F, D], in `dtype`."""
+  return jnp.concatenate([wg_EDF, wu_EDF], axis=-1).astype(dtype), wd_EFD.astype(dtype)
+
+
+def _layout_fwd(x_TD, w_TK, wgu_EDH, wd_EFD, *, lay: _Layout, group_rows: int, res_rows: int,
+                dtype):
+  """The routed SwiGLU through one layout; returns out_TD and the per-row residuals (zero-padded
+  to `res_rows` rows)."""
+  T, K = w_TK.shape
+  src_GM = lay.src_R.reshape(-1, group_rows)
+  w_GM = _take(w_TK.reshape(-1).astype(jnp.float32), src_GM)
+  if lay.expert_G is not None:
+    wgu_EDH, wd_EFD = wgu_EDH[lay.expert_G], wd_EFD[lay.expert_G]
+  y_GMD, gu_GMH = _swiglu_fwd_rows(_take(x_TD.astype(dtype), src_GM // K), wgu_EDH, wd_EFD,
+                                   w_GM, dtype)
+  out_TD = _sum_rows(y_GMD, lay.dest_A.reshape(T, K))
+  pad = res_rows - w_GM.size
+  return out_TD, (jnp.pad(w_GM.reshape(-1), (0, pad)),
+                  jnp.pad(gu_GMH.reshape(w_GM.size, -1), ((0, pad), (0, 0))))
+
+
+def _layout_bwd(x_TD, w_TK, wgu_EDH, wd_EFD, rows, dout_TD, *, lay: _Layout, group_rows: int,
+                dtype):
+  """Cotangents (dx_TD, dw_TK, dwgu_EDH, dwd_EFD; float32) of `_layout_fwd`."""
+  T, K = w_TK.shape
+  E = wgu_EDH.shape[0]
+  src_GM = lay.src_R.reshape(-1, group_rows)
+  w_R, gu_RH = (r[:src_GM.size] for r in rows)
+  if lay.expert_G is not None:
+    wgu_EDH, wd_EFD = wgu_EDH[lay.expert_G], wd_EFD[lay.expert_G]
+  dx_GMD, dwgu_GDH, dwd_GFD, dw_GM = _swiglu_bwd_rows(
+      _take(x_TD.astype(dtype), src_GM // K), wgu_EDH, wd_EFD, w_R.reshape(src_GM.shape),
+      gu_RH.reshape(*src_GM.shape, -1), _take(dout_TD.astype(dtype), src_GM // K), dtype)
+  if lay.expert_G is not None:
+    dwgu_GDH = jax.ops.segment_sum(dwgu_GDH, lay.expert_G, E, indices_are_sorted=True)
+    dwd_GFD = jax.ops.segment_sum(dwd_GFD, lay.expert_G, E, indices_are_sorted=True)
+  dx_TD = _sum_rows(dx_GMD, lay.dest_A.reshape(T, K))
+  dw_TK = _take(dw_GM.reshape(-1), lay.dest_A).reshape(T, K)
+  return dx_TD, dw_TK, dwgu_GDH, dwd_GFD
+
+
+def _switch(branch, fns, *args):
+  return fns[0](*args) if len(fns) == 1 else jax.lax.switch(branch, fns, *args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _routed_swiglu(x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD, layouts, branch, group_rows, dtype):
+  """The routed SwiGLU through layouts[branch] (group_rows[i] rows per group of layouts[i]). The
+  layout choice lives inside the VJP, so all layouts share one set of residuals."""
+  return _routed_swiglu_fwd(x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD, layouts, branch, group_rows,
+                            dtype)[0]
+
+
+def _routed_swiglu_fwd(x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD, layouts, branch, group_rows, dtype):
+  weights = _fuse_weights(wg_EDF, wu_EDF, wd_EFD, dtype)
+  res_rows = max(lay.src_R.shape[0] for lay in layouts)
+  fns = [functools.partial(_layout_fwd, lay=lay, group_rows=m, res_rows=res_rows, dtype=dtype)
+         for lay, m in zip(layouts, group_rows)]
+  out_TD, rows = _switch(branch, fns, x_TD, w_TK, *weights)
+  return out_TD, (x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD, layouts, branch, rows)
+
+
+def _routed_swiglu_bwd(group_rows, dtype, res, dout_TD):
+  x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD, layouts, branch, rows = res
+  fns = [functools.partial(_layout_bwd, lay=lay, group_rows=m, dtype=dtype)
+         for lay, m in zip(layouts, group_rows)]
+  dx_TD, dw_TK, dwgu_EDH, dwd_EFD = _switch(
+      branch, fns, x_TD, w_TK, *_fuse_weights(wg_EDF, wu_EDF, wd_EFD, dtype), rows, dout_TD)
+  dwg_EDF, dwu_EDF = jnp.split(dwgu_EDH, 2, axis=-1)
+  grads = (dx_TD, dw_TK, dwg_EDF, dwu_EDF, dwd_EFD)
+  primals = (x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD)
+  return (*(g.astype(p.dtype) for g, p in zip(grads, primals)), None, None)
+
+
+_routed_swiglu.defvjp(_routed_swiglu_fwd, _routed_swiglu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def swiglu(x_TD, wg_DF, wu_DF, wd_FD, dtype=jnp.float32):
+  """Dense SwiGLU down(silu(x @ gate) * (x @ up)), float32 out, with the routed experts' numerics:
+  matmuls in `dtype` accumulating in float32, forward and backward."""
+  return _swiglu_fwd(x_TD, wg_DF, wu_DF, wd_FD, dtype)[0]
+
+
+def _swiglu_fwd(x_TD, wg_DF, wu_DF, wd_FD, dtype):
+  wgu_1DH, wd_1FD = _fuse_weights(wg_DF[None], wu_DF[None], wd_FD[None], dtype)
+  w_1T = jnp.ones((1, x_TD.shape[0]), jnp.float32)
+  y_1TD, gu_1TH = _swiglu_fwd_rows(x_TD.astype(dtype)[None], wgu_1DH, wd_1FD, w_1T, dtype)
+  return y_1TD[0], (x_TD, wg_DF, wu_DF, wd_FD, gu_1TH)
+
+
+def _swiglu_bwd(dtype, res, dy_TD):
+  x_TD, wg_DF, wu_DF, wd_FD, gu_1TH = res
+  wgu_1DH, wd_1FD = _fuse_weights(wg_DF[None], wu_DF[None], wd_FD[None], dtype)
+  w_1T = jnp.ones((1, x_TD.shape[0]), jnp.float32)
+  dx_1TD, dwgu_1DH, dwd_1FD, _ = _swiglu_bwd_rows(x_TD.astype(dtype)[None], wgu_1DH, wd_1FD,
+                                                   w_1T, gu_1TH, dy_TD[None], dtype)
+  grads = (dx_1TD[0], *jnp.split(dwgu_1DH[0], 2, axis=-1), dwd_1FD[0])
+  return tuple(g.astype(a.dtype) for g, a in zip(grads, (x_TD, wg_DF, wu_DF, wd_FD)))
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+def _ragged_ffn(x_TD, w_TK, s: _Sorted, wg_EDF, wu_EDF, wd_EFD, dtype):
+  """Unpadded sorted rows, grouped matmuls over the experts' segments (plain autodiff)."""
+  T, K = w_TK.shape
+  lay = _place(s, jnp.cumsum(s.counts_E) - s.counts_E, T * K)
+  x_AD = _take(x_TD, lay.src_R // K)
+  group_sizes = s.counts_E.astype(jnp.int32)
+  rdot = lambda a, w: jax.lax.ragged_dot(a.astype(dtype), w.astype(dtype), group_sizes,
                                          preferred_element_type=jnp.float32)
   h_AF = jax.nn.silu(rdot(x_AD, wg_EDF)) * rdot(x_AD, wu_EDF)
-  return rdot(h_AF, wd_EFD), lay.dest_A
+  y_TKD = _take(rdot(h_AF, wd_EFD), lay.dest_A).reshape(T, K, -1)
+  return jnp.einsum("tkd,tk->td", y_TKD, w_TK.astype(jnp.float32))
 
 
 def routed_experts(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, *, dispatch: str,
@@ -138,17 +274,23 @@ def routed_experts(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, *, dispatch: str,
   if wg_EDF.shape != (E, D, F) or wu_EDF.shape != (E, D, F) or wd_EFD.shape != (E, F, D):
     raise ValueError(f"expert weights gate {wg_EDF.shape}, up {wu_EDF.shape}, down "
                      f"{wd_EFD.shape} must be [E, D={D}, F], [E, D, F], [E, F, D]")
+  if capacity_factor <= 0:
+    raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+  if block_size < 1:
+    raise ValueError(f"moe_block_size must be >= 1, got {block_size}")
+  dtype = jnp.dtype(dtype)
   s = _sort(idx_TK, E)
-  dropped = jnp.zeros((), jnp.float32)
-  if dispatch == "sort":
-    if block_size < 1:
-      raise ValueError(f"moe_block_size must be >= 1, got {block_size}")
-    y_RD, dest_A = _sort_ffn(x_TD, s, wg_EDF, wu_EDF, wd_EFD, block_size, dtype)
-  elif dispatch == "capacity":
-    if capacity_factor <= 0:
-      raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
-    capacity = max(1, math.ceil(capacity_factor * idx_TK.size / E))
-    y_RD, dest_A, dropped = _capacity_ffn(x_TD, s, wg_EDF, wu_EDF, wd_EFD, capacity, dtype)
-  else:
-    y_RD, dest_A = _ragged_ffn(x_TD, s, wg_EDF, wu_EDF, wd_EFD, dtype)
-  return _combine(y_RD, dest_A, w_TK), dropped
+  if dispatch == "ragged":
+    return (_ragged_ffn(x_TD, w_TK, s, wg_EDF, wu_EDF, wd_EFD, dtype),
+            jnp.zeros((), jnp.float32))
+  capacity = max(1, math.ceil(capacity_factor * idx_TK.size / E))
+  cap = _capacity_layout(s, capacity)
+  weights = (wg_EDF, wu_EDF, wd_EFD)
+  if dispatch == "capacity":
+    y_TD = _routed_swiglu(x_TD, w_TK, *weights, (cap,), None, (capacity,), dtype)
+    return y_TD, jnp.mean(cap.dest_A == E * capacity, dtype=jnp.float32)
+  blocks = _block_layout(s, block_size, -(-idx_TK.size // block_size) + E)
+  branch = (jnp.max(s.counts_E) > capacity).astype(jnp.int32)
+  y_TD = _routed_swiglu(x_TD, w_TK, *weights, (cap, blocks), branch, (capacity, block_size),
+                        dtype)
+  return y_TD, jnp.zeros((), jnp.float32)
