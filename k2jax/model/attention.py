@@ -1,9 +1,13 @@
-"""Multi-head Latent Attention (MLA), the training / full-sequence path (K2_SPEC §2).
+"""Multi-head Latent Attention (MLA): full-sequence and compressed-cache paths (K2_SPEC §2).
 
 q = q_b(RMSNorm(q_a(x))) (or q_proj(x)); [c | k_pe] = kv_a(x); [k_nope | v] = kv_b(RMSNorm(c)).
 The rotary parts (last dr dims of every query head, and the one shared key k_pe) get RoPE.
 Also records, per head, the signed maximum pre-softmax logit over causally visible pairs:
 QK-Clip's S_max.
+
+With `decode=True` only RMSNorm(c) and RoPE(k_pe) are cached per token (the "cache" collection:
+latent [B, S, kv_lora], rope_key [B, S, dr]); kv_b's key rows are absorbed into the query and its
+value rows applied after attention, so keys and values are never expanded per head.
 """
 
 from __future__ import annotations
@@ -19,8 +23,32 @@ from k2jax.model.rope import apply_rope
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm, whatever rms_norm_eps says (HF and DS).
 
 
+def masked_softmax(logits_BHTS: jnp.ndarray, visible_BTS: jnp.ndarray):
+  """(probs_BHTS, max_logits_H): softmax over visible keys and the per-head max visible logit."""
+  logits_BHTS = jnp.where(visible_BTS[:, None], logits_BHTS, -jnp.inf)
+  return nn.softmax(logits_BHTS, axis=-1), jnp.max(logits_BHTS, axis=(0, 2, 3))
+
+
+def absorbed_attention(q_nope_BTHN, q_pe_BTHR, latent_BSC, rope_key_BSR, visible_BTS,
+                       w_kv_CHK, cfg: ModelConfig):
+  """MLA over cached latents with kv_b absorbed: (out_BTHV, max_logits_H).
+
+  With kv_b's kernel W [C, H, dn+dv] = [W_k | W_v]: q.k_nope = (q_nope W_k^T) . latent and
+  probs @ v = (probs @ latent) W_v.
+  """
+  dn = cfg.qk_nope_head_dim
+  w_k_CHN, w_v_CHV = w_kv_CHK[..., :dn], w_kv_CHK[..., dn:]
+  q_lat_BTHC = matmul("bthn,chn->bthc", q_nope_BTHN, w_k_CHN, cfg.dtype)
+  logits_BHTS = (matmul("bthc,bsc->bhts", q_lat_BTHC, latent_BSC, cfg.dtype)
+                 + matmul("bthr,bsr->bhts", q_pe_BTHR, rope_key_BSR, cfg.dtype))
+  probs_BHTS, max_logits_H = masked_softmax(logits_BHTS * softmax_scale(cfg), visible_BTS)
+  out_BTHC = matmul("bhts,bsc->bthc", probs_BHTS, latent_BSC, cfg.dtype)
+  return matmul("bthc,chv->bthv", out_BTHC, w_v_CHV, cfg.dtype), max_logits_H
+
+
 class MLA(nn.Module):
   cfg: ModelConfig
+  decode: bool = False  # attend over the "cache" collection, written at positions_BT.
 
   @nn.compact
   def __call__(self, x_BTD: jnp.ndarray, positions_BT: jnp.ndarray):
@@ -35,28 +63,42 @@ class MLA(nn.Module):
       q = RMSNorm(cfg, LATENT_NORM_EPS, name="q_a_norm")(q)
       q = Dense(cfg, H * (dn + dr), ("q_lora", "heads"), name="q_b")(q)
     q_BTHK = rearrange(q, "b t (h k) -> b t h k", h=H)
-    q_nope_BTHN, q_pe_BTHR = q_BTHK[..., :dn], q_BTHK[..., dn:]
+    q_nope_BTHN = q_BTHK[..., :dn]
+    q_pe_BTHR = apply_rope(q_BTHK[..., dn:], positions_BT, cfg)
 
     kv = Dense(cfg, cfg.kv_lora_rank + dr, ("embed", "kv_lora"), name="kv_a")(x_BTD)
-    c_BTC, k_pe_BTR = kv[..., :cfg.kv_lora_rank], kv[..., cfg.kv_lora_rank:]
-    c_BTC = RMSNorm(cfg, LATENT_NORM_EPS, name="kv_a_norm")(c_BTC)
-    kv = Dense(cfg, H * (dn + dv), ("kv_lora", "heads"), name="kv_b")(c_BTC)
-    kv_BTHK = rearrange(kv, "b t (h k) -> b t h k", h=H)
-    k_nope_BTHN, v_BTHV = kv_BTHK[..., :dn], kv_BTHK[..., dn:]
+    c_BTC = RMSNorm(cfg, LATENT_NORM_EPS, name="kv_a_norm")(kv[..., :cfg.kv_lora_rank])
+    k_pe_BTR = apply_rope(kv[:, :, None, cfg.kv_lora_rank:], positions_BT, cfg)[:, :, 0]
+    kv_b = Dense(cfg, H * (dn + dv), ("kv_lora", "heads"), name="kv_b")
 
-    q_pe_BTHR = apply_rope(q_pe_BTHR, positions_BT, cfg)
-    k_pe_BT1R = apply_rope(k_pe_BTR[:, :, None, :], positions_BT, cfg)
-    q_BTHK = jnp.concatenate([q_nope_BTHN, q_pe_BTHR], axis=-1)
-    k_BTHK = jnp.concatenate(
-        [k_nope_BTHN, jnp.broadcast_to(k_pe_BT1R, k_nope_BTHN.shape[:-1] + (dr,))], axis=-1)
-
-    logits_BHTS = matmul("bthk,bshk->bhts", q_BTHK, k_BTHK, cfg.dtype) * softmax_scale(cfg)
-    T = x_BTD.shape[1]
-    causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
-    logits_BHTS = jnp.where(causal_TS, logits_BHTS, -jnp.inf)
-    max_logits_H = jnp.max(logits_BHTS, axis=(0, 2, 3))
-    probs_BHTS = nn.softmax(logits_BHTS, axis=-1)
-    out_BTHV = matmul("bhts,bshv->bthv", probs_BHTS, v_BTHV, cfg.dtype)
+    if self.decode:
+      if not self.has_variable("cache", "latent"):
+        raise ValueError("MLA(decode=True) needs variables['cache'] from "
+                         "k2jax.model.transformer.init_cache")
+      rows_B1 = jnp.arange(x_BTD.shape[0])[:, None]
+      latent_BSC = self.get_variable("cache", "latent")
+      rope_key_BSR = self.get_variable("cache", "rope_key")
+      latent_BSC = latent_BSC.at[rows_B1, positions_BT].set(c_BTC.astype(latent_BSC.dtype))
+      rope_key_BSR = rope_key_BSR.at[rows_B1, positions_BT].set(
+          k_pe_BTR.astype(rope_key_BSR.dtype))
+      self.put_variable("cache", "latent", latent_BSC)
+      self.put_variable("cache", "rope_key", rope_key_BSR)
+      visible_BTS = jnp.arange(latent_BSC.shape[1]) <= positions_BT[..., None]
+      w_kv_CHK = rearrange(self.variables["params"]["kv_b"]["kernel"], "c (h k) -> c h k", h=H)
+      out_BTHV, max_logits_H = absorbed_attention(q_nope_BTHN, q_pe_BTHR, latent_BSC,
+                                                  rope_key_BSR, visible_BTS, w_kv_CHK, cfg)
+    else:
+      kv_BTHK = rearrange(kv_b(c_BTC), "b t (h k) -> b t h k", h=H)
+      k_nope_BTHN, v_BTHV = kv_BTHK[..., :dn], kv_BTHK[..., dn:]
+      q_BTHK = jnp.concatenate([q_nope_BTHN, q_pe_BTHR], axis=-1)
+      k_BTHK = jnp.concatenate(
+          [k_nope_BTHN, jnp.broadcast_to(k_pe_BTR[:, :, None], k_nope_BTHN.shape[:-1] + (dr,))],
+          axis=-1)
+      logits_BHTS = matmul("bthk,bshk->bhts", q_BTHK, k_BTHK, cfg.dtype) * softmax_scale(cfg)
+      T = x_BTD.shape[1]
+      causal_BTS = jnp.tril(jnp.ones((1, T, T), dtype=bool))
+      probs_BHTS, max_logits_H = masked_softmax(logits_BHTS, causal_BTS)
+      out_BTHV = matmul("bhts,bshv->bthv", probs_BHTS, v_BTHV, cfg.dtype)
     out = Dense(cfg, x_BTD.shape[-1], ("heads", "embed"), name="o")(
         rearrange(out_BTHV, "b t h v -> b t (h v)"))
     return out, max_logits_H

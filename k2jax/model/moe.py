@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from k2jax.config import ModelConfig
+from k2jax.model import expert_parallel
 from k2jax.model.dispatch import routed_experts
-from k2jax.model.layers import MLP, Dense, normal_init
+from k2jax.model.layers import MLP, Dense, matmul, normal_init
 
 
 def select_experts(scores_TE: jnp.ndarray, bias_E: jnp.ndarray, cfg: ModelConfig):
@@ -57,10 +58,27 @@ def update_router_bias(bias_LE: jnp.ndarray, load_LE: jnp.ndarray, rate: float,
   return bias_LE + rate * sign_LE
 
 
+def gathered_experts(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, dtype) -> jnp.ndarray:
+  """Each token through the gathered weights of its own K experts (float32 out).
+
+  Reads K experts per token rather than all E: the decoding path, where T*K <= E.
+  """
+  h_TKF = (jax.nn.silu(matmul("td,tkdf->tkf", x_TD, wg_EDF[idx_TK], dtype))
+           * matmul("td,tkdf->tkf", x_TD, wu_EDF[idx_TK], dtype))
+  y_TKD = matmul("tkf,tkfd->tkd", h_TKF, wd_EFD[idx_TK], dtype)
+  return jnp.einsum("tkd,tk->td", y_TKD, w_TK.astype(jnp.float32))
+
+
 class Experts(nn.Module):
-  """The routed experts' stacked SwiGLU weights, applied through the configured dispatch."""
+  """The routed experts' stacked SwiGLU weights, applied through the configured dispatch.
+
+  Under a k2jax mesh (`jax.set_mesh`) the dispatch runs per device, expert-parallel
+  (k2jax.model.expert_parallel); otherwise on the whole batch. When decoding with at most E
+  assignments, each token's experts are gathered instead (`gathered_experts`).
+  """
 
   cfg: ModelConfig
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x_TD, idx_TK, w_TK):
@@ -70,13 +88,21 @@ class Experts(nn.Module):
     wg_EDF = self.param("gate", normal_init(cfg, ("expert", "embed", "moe_mlp")), (E, D, F), pdt)
     wu_EDF = self.param("up", normal_init(cfg, ("expert", "embed", "moe_mlp")), (E, D, F), pdt)
     wd_EFD = self.param("down", normal_init(cfg, ("expert", "moe_mlp", "embed")), (E, F, D), pdt)
-    return routed_experts(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, dispatch=cfg.moe_dispatch,
-                          capacity_factor=cfg.capacity_factor, block_size=cfg.moe_block_size,
-                          dtype=jnp.dtype(cfg.dtype))
+    if self.decode and idx_TK.size <= E:
+      return (gathered_experts(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, cfg.dtype),
+              jnp.zeros((), jnp.float32))
+    kwargs = dict(dispatch=cfg.moe_dispatch, capacity_factor=cfg.capacity_factor,
+                  block_size=cfg.moe_block_size, dtype=jnp.dtype(cfg.dtype))
+    mesh = expert_parallel.active_mesh(x_TD.shape[0])
+    if mesh is not None:  # under a k2jax mesh: per-device dispatch, all_to_all over `expert`.
+      return expert_parallel.expert_parallel_experts(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD,
+                                                     mesh=mesh, **kwargs)
+    return routed_experts(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, **kwargs)
 
 
 class MoE(nn.Module):
   cfg: ModelConfig
+  decode: bool = False  # generation: few tokens per call (see Experts).
 
   @nn.compact
   def __call__(self, x_BSD: jnp.ndarray):
@@ -90,7 +116,7 @@ class MoE(nn.Module):
     logits_TE = Dense(cfg.replace(dtype="float32"), E, ("embed", "router"), name="router")(x_TD)
     scores_TE = jax.nn.sigmoid(logits_TE)
     idx_TK, w_TK = select_experts(scores_TE, jax.lax.stop_gradient(bias_E.value), cfg)
-    routed_TD, dropped_frac = Experts(cfg, name="experts")(x_TD, idx_TK, w_TK)
+    routed_TD, dropped_frac = Experts(cfg, self.decode, name="experts")(x_TD, idx_TK, w_TK)
     out_BSD = routed_TD.reshape(B, S, D)
     if cfg.n_shared_experts:
       out_BSD = out_BSD + MLP(cfg, cfg.n_shared_experts * cfg.moe_intermediate_size,

@@ -16,8 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from k2jax import sharding as sharding_lib
 from k2jax.optim.newton_schulz import NS_COEFFS, newton_schulz
+from k2jax.optim.roles import path_str
 
 
 def orthogonalize_batched(leaves: list[jax.Array], **ns_kwargs) -> list[jax.Array]:
@@ -46,15 +50,58 @@ def orthogonalize_batched(leaves: list[jax.Array], **ns_kwargs) -> list[jax.Arra
   return out
 
 
-def orthogonalize(steps: int = 5, coeffs=NS_COEFFS, dtype=jnp.bfloat16,
-                  eps: float = 1e-7) -> optax.GradientTransformation:
-  """Stateless: Newton-Schulz on the last two axes of every leaf, cast back to its dtype."""
+def orthogonalize_sharded(u: jax.Array, sharding: NamedSharding, **ns_kwargs) -> jax.Array:
+  """newton_schulz of one leaf laid out by `sharding`, on the devices that own its matrices.
+
+  A leaf of three or more axes runs one slice of its first (layers) axis at a time (`lax.map`),
+  so no more than one layer is ever gathered. Each slice is resharded so that every matrix is
+  whole on some devices (`k2jax.sharding.newton_schulz_spec`: the mesh axes of the matrix dims
+  move to a batch dim, such as the experts, where they divide, else the matrix is gathered:
+  Moonlight's Distributed Muon), orthogonalised there and cut back to `sharding`.
+  """
+  mesh, spec = sharding.mesh, tuple(sharding.spec) + (None,) * (u.ndim - len(sharding.spec))
+  constrain = lambda x, s: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*s)))
+
+  def one(u_, spec_):
+    ns_spec = tuple(sharding_lib.newton_schulz_spec(P(*spec_), u_.shape, mesh.shape))
+    # Pinning the result to ns_spec keeps the whole iteration there; the cut back is local.
+    o = constrain(newton_schulz(constrain(u_, ns_spec), **ns_kwargs), ns_spec)
+    return constrain(o, spec_)
+
+  if u.ndim >= 3:
+    o = jax.lax.map(lambda u_l: one(u_l, spec[1:]), u)
+  else:
+    o = one(u, spec)
+  return constrain(o, spec).astype(u.dtype)
+
+
+def orthogonalize(steps: int = 5, coeffs=NS_COEFFS, dtype=jnp.bfloat16, eps: float = 1e-7,
+                  param_shardings=None) -> optax.GradientTransformation:
+  """Stateless: Newton-Schulz on the last two axes of every leaf, cast back to its dtype.
+
+  `param_shardings` (a tree of NamedSharding like the params): each leaf runs on its own through
+  `orthogonalize_sharded` (Distributed Muon); without, leaves of equal matrix shape are batched.
+  """
+  ns_kwargs = dict(steps=steps, coeffs=coeffs, dtype=dtype, eps=eps)
+  by_path = None
+  if param_shardings is not None:
+    by_path = {path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(
+        param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))}
 
   def update_fn(updates, state, params=None):
     del params
-    leaves, treedef = jax.tree.flatten(updates)
-    leaves = orthogonalize_batched(leaves, steps=steps, coeffs=coeffs, dtype=dtype, eps=eps)
-    return jax.tree.unflatten(treedef, leaves), state
+    if by_path is None:
+      leaves, treedef = jax.tree.flatten(updates)
+      leaves = orthogonalize_batched(leaves, **ns_kwargs)
+      return jax.tree.unflatten(treedef, leaves), state
+
+    def one_leaf(path, u):
+      name = path_str(path)
+      if name not in by_path:
+        raise ValueError(f"muon: param_shardings has no entry for {name!r}")
+      return orthogonalize_sharded(u, by_path[name], **ns_kwargs)
+
+    return jax.tree_util.tree_map_with_path(one_leaf, updates), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
@@ -71,16 +118,19 @@ def scale_by_rms_match(rms_scale: float = 0.2) -> optax.GradientTransformation:
 
 
 def scale_by_muon(*, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                  ns_coeffs=NS_COEFFS, ns_dtype=jnp.bfloat16,
-                  rms_scale: float = 0.2) -> optax.GradientTransformation:
-  """Momentum, Newton-Schulz and RMS matching (no lr, no weight decay); one buffer per matrix."""
+                  ns_coeffs=NS_COEFFS, ns_dtype=jnp.bfloat16, rms_scale: float = 0.2,
+                  param_shardings=None) -> optax.GradientTransformation:
+  """Momentum, Newton-Schulz and RMS matching (no lr, no weight decay); one buffer per matrix.
+
+  `param_shardings`: see `orthogonalize` (sharded Newton-Schulz).
+  """
   if not 0 <= momentum < 1:
     raise ValueError(f"muon momentum must be in [0, 1), got {momentum}")
   if rms_scale <= 0:
     raise ValueError(f"muon rms_scale must be positive, got {rms_scale}")
   return optax.chain(
     optax.trace(decay=momentum, nesterov=nesterov),
-    orthogonalize(ns_steps, ns_coeffs, ns_dtype),
+    orthogonalize(ns_steps, ns_coeffs, ns_dtype, param_shardings=param_shardings),
     scale_by_rms_match(rms_scale),
   )
 

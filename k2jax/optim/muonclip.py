@@ -102,16 +102,20 @@ def muonclip(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float = 0.1
              ns_coeffs=NS_COEFFS, ns_dtype=jnp.bfloat16, rms_scale: float = 0.2,
              adam_b1: float = 0.9, adam_b2: float = 0.95, adam_eps: float = 1e-8,
              qk_clip_tau: float | None = 100.0, model_config: ModelConfig | None = None,
-             roles=None, qk_clip_targets=None) -> optax.GradientTransformationExtraArgs:
+             roles=None, qk_clip_targets=None,
+             param_shardings=None) -> optax.GradientTransformationExtraArgs:
   """K2's MuonClip: Muon (RMS-matched to AdamW) + AdamW on embeddings/head/norms + QK-Clip.
 
   The query/key weights come from `model_config` (k2jax.Transformer's MLA) or, for other models,
   `qk_clip_targets` (e.g. `k2jax.optim.mha_targets(...)`). `qk_clip_tau=None` disables the clip.
   `roles`: (regex, role) rules placed before the defaults (see k2jax.optim.roles).
+  `param_shardings`: the params' NamedShardings when they are sharded over a mesh; Newton-Schulz
+  then runs on each matrix's owners (k2jax.optim.muon.orthogonalize_sharded).
   """
   matrix_tx = muon_matrix(learning_rate, weight_decay=weight_decay, momentum=momentum,
                           nesterov=nesterov, ns_steps=ns_steps, ns_coeffs=ns_coeffs,
-                          ns_dtype=ns_dtype, rms_scale=rms_scale)
+                          ns_dtype=ns_dtype, rms_scale=rms_scale,
+                          param_shardings=param_shardings)
   return _with_roles(matrix_tx, learning_rate, weight_decay=weight_decay, adam_b1=adam_b1,
                      adam_b2=adam_b2, adam_eps=adam_eps, roles=roles, qk_clip_tau=qk_clip_tau,
                      model_config=model_config, qk_clip_targets=qk_clip_targets)
@@ -120,13 +124,13 @@ def muonclip(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float = 0.1
 def muon(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float = 0.1,
          momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5, ns_coeffs=NS_COEFFS,
          ns_dtype=jnp.bfloat16, rms_scale: float = 0.2, adam_b1: float = 0.9,
-         adam_b2: float = 0.95, adam_eps: float = 1e-8,
-         roles=None) -> optax.GradientTransformationExtraArgs:
+         adam_b2: float = 0.95, adam_eps: float = 1e-8, roles=None,
+         param_shardings=None) -> optax.GradientTransformationExtraArgs:
   """MuonClip without the clip (`max_logits`, if passed, is ignored)."""
   return muonclip(learning_rate, weight_decay=weight_decay, momentum=momentum,
                   nesterov=nesterov, ns_steps=ns_steps, ns_coeffs=ns_coeffs, ns_dtype=ns_dtype,
                   rms_scale=rms_scale, adam_b1=adam_b1, adam_b2=adam_b2, adam_eps=adam_eps,
-                  qk_clip_tau=None, roles=roles)
+                  qk_clip_tau=None, roles=roles, param_shardings=param_shardings)
 
 
 def adamw(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float = 0.1, b1: float = 0.9,

@@ -1,0 +1,157 @@
+"""Experiment configs: defaults, validation with one-line errors, and the resolved ModelConfig.
+
+An experiment config is an ml_collections ConfigDict with sections model, train, optimizer, router,
+checkpoint, data, mesh, sample and a seed. `config.model.preset` names a k2jax preset; every other
+field of config.model is a ModelConfig field that overrides it when set (None keeps the preset's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import ml_collections
+from ml_collections import config_dict
+
+from k2jax import data as data_lib
+from k2jax import presets
+from k2jax.config import ModelConfig
+from k2jax.train.schedules import SCHEDULES
+
+OPTIMIZERS = ("muonclip", "muon", "adamw")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+VOCAB_MULTIPLE = 64
+
+
+class ConfigError(ValueError):
+  """A bad experiment config, data source or workdir, found before compiling."""
+
+
+def _model_section() -> ml_collections.ConfigDict:
+  section = ml_collections.ConfigDict({"preset": "k2_nano"})
+  for f in dataclasses.fields(ModelConfig):
+    kind = type(f.default) if f.default is not None else dict
+    section[f.name] = config_dict.placeholder(kind)
+  return section
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key an experiment config may set, with its default."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = _model_section()
+  c.train = ml_collections.ConfigDict(dict(
+      steps=600, batch_size=16, seq_len=256, grad_accum=1, log_every=10, eval_every=100,
+      eval_batches=4))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="muonclip", lr=2e-3, schedule="wsd", warmup_steps=50, decay_fraction=0.2,
+      final_lr_fraction=0.1, weight_decay=0.1, qk_clip_tau=100.0, grad_clip=1.0))
+  c.router = ml_collections.ConfigDict(dict(bias_update_rate=1e-3, centered=False))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=3, async_save=True))
+  c.data = data_lib.default_data_config()
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+  c.sample = ml_collections.ConfigDict(dict(prompt="def ", num_tokens=200, temperature=0.8))
+  return c
+
+
+def _fail(key: str, msg: str):
+  raise ConfigError(f"config.{key} {msg}")
+
+
+def _check_keys(cfg, ref, prefix: str = "") -> None:
+  for key in cfg.keys():
+    if key not in ref:
+      _fail(prefix + key, f"is not a known key (known: {', '.join(sorted(ref.keys()))})")
+    if isinstance(ref[key], ml_collections.ConfigDict):
+      if not isinstance(cfg[key], ml_collections.ConfigDict):
+        _fail(prefix + key, "must be a section")
+      _check_keys(cfg[key], ref[key], f"{prefix}{key}.")
+
+
+def _int(cfg, key: str, low: int) -> None:
+  section, name = key.split(".")
+  v = cfg[section][name]
+  if isinstance(v, bool) or not isinstance(v, int) or v < low:
+    _fail(key, f"must be an integer >= {low}, got {v!r}")
+
+
+def _real(cfg, key: str, low: float, high: float = float("inf"), open_low: bool = False) -> None:
+  section, name = key.split(".")
+  v = cfg[section][name]
+  ok = isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high
+  if not ok or (open_low and v == low):
+    bound = f"> {low}" if open_low else f">= {low}"
+    _fail(key, f"must be a number {bound}" + (f" and <= {high}" if high < float("inf") else "")
+          + f", got {v!r}")
+
+
+def mesh_shape(config) -> dict[str, int]:
+  """Mesh axis sizes over the first devices; config.mesh.data = -1 takes all that remain."""
+  sizes = {a: config.mesh[a] for a in MESH_AXES}
+  for a, v in sizes.items():
+    if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and not (a == "data" and v == -1)):
+      _fail(f"mesh.{a}", f"must be a positive integer{' or -1' if a == 'data' else ''}, got {v!r}")
+  for a in ("fsdp", "expert", "tensor"):
+    if sizes[a] != 1:
+      _fail(f"mesh.{a}", f"= {sizes[a]}: only data parallelism is implemented so far")
+  n = jax.device_count()
+  if sizes["data"] == -1:
+    sizes["data"] = n
+  if sizes["data"] > n:
+    _fail("mesh.data", f"= {sizes['data']} but there are only {n} devices")
+  return sizes
+
+
+def validate(config) -> None:
+  """Raises ConfigError (one line, naming the key) for unknown keys and invalid values."""
+  _check_keys(config, default_config())
+  if not isinstance(config.seed, int):
+    _fail("seed", f"must be an integer, got {config.seed!r}")
+  for key in ("train.steps", "train.batch_size", "train.seq_len", "train.grad_accum",
+              "train.log_every", "train.eval_batches", "checkpoint.keep"):
+    _int(config, key, 1)
+  for key in ("train.eval_every", "checkpoint.every_steps", "optimizer.warmup_steps",
+              "sample.num_tokens"):
+    _int(config, key, 0)
+  t = config.train
+  data_shards = mesh_shape(config)["data"]
+  if t.batch_size % (t.grad_accum * data_shards):
+    _fail("train.batch_size", f"({t.batch_size}) must be divisible by train.grad_accum "
+          f"({t.grad_accum}) times the data-parallel devices ({data_shards})")
+  o = config.optimizer
+  if o.name not in OPTIMIZERS:
+    _fail("optimizer.name", f"must be one of {OPTIMIZERS}, got {o.name!r}")
+  if o.schedule not in SCHEDULES:
+    _fail("optimizer.schedule", f"must be one of {SCHEDULES}, got {o.schedule!r}")
+  _real(config, "optimizer.lr", 0.0, open_low=True)
+  _real(config, "optimizer.qk_clip_tau", 0.0, open_low=True)
+  for key in ("optimizer.weight_decay", "optimizer.grad_clip", "router.bias_update_rate",
+              "sample.temperature"):
+    _real(config, key, 0.0)
+  for key in ("optimizer.decay_fraction", "optimizer.final_lr_fraction"):
+    _real(config, key, 0.0, 1.0)
+  if not isinstance(config.router.centered, bool):
+    _fail("router.centered", f"must be True or False, got {config.router.centered!r}")
+  if not isinstance(config.checkpoint.async_save, bool):
+    _fail("checkpoint.async_save", f"must be True or False, got {config.checkpoint.async_save!r}")
+  if config.model.preset not in presets.names():
+    _fail("model.preset", f"must be one of {presets.names()}, got {config.model.preset!r}")
+
+
+def model_config(config, vocab_size: int) -> ModelConfig:
+  """The preset with config.model's overrides; vocab rounded up to a multiple of 64.
+
+  Changing the expert count or top-k without routed_scaling_factor re-derives it (presets.get).
+  """
+  overrides = {k: v for k, v in config.model.items() if k != "preset" and v is not None}
+  if "vocab_size" in overrides:
+    _fail("model.vocab_size", "is set by the tokenizer; leave it unset")
+  vocab = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+  try:
+    cfg = presets.get(config.model.preset, vocab_size=vocab, **overrides)
+  except ValueError as e:
+    raise ConfigError(str(e).replace("ModelConfig.", "config.model.", 1)) from e
+  if config.train.seq_len > cfg.max_position_embeddings:
+    _fail("train.seq_len", f"({config.train.seq_len}) exceeds model.max_position_embeddings "
+          f"({cfg.max_position_embeddings})")
+  return cfg

@@ -1,0 +1,49 @@
+"""The run's picture: loss (train and eval) and max attention logit against step, as a PNG."""
+
+from __future__ import annotations
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from k2jax.train.metrics import read_metrics  # noqa: E402
+
+PLOT_FILE = "training.png"
+
+
+def plot_run(workdir: str | pathlib.Path, tau: float | None = None) -> pathlib.Path:
+  """Writes `<workdir>/training.png` from metrics.jsonl; `tau` draws the QK-Clip threshold."""
+  records = read_metrics(workdir)
+  if not records:
+    raise ValueError(f"{pathlib.Path(workdir) / 'metrics.jsonl'}: no metrics to plot")
+  fig, (ax_loss, ax_logit) = plt.subplots(1, 2, figsize=(11, 4))
+
+  def series(key):
+    pts = [(r["step"], r[key]) for r in records if key in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+  ax_loss.plot(*series("loss"), label="train")
+  if any("eval_loss" in r for r in records):
+    ax_loss.plot(*series("eval_loss"), "o-", label="eval")
+  ax_loss.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="loss")
+  ax_loss.legend()
+  steps, per_layer = series("max_logit_per_layer")
+  for layer in range(len(per_layer[0]) if per_layer else 0):
+    ax_logit.plot(steps, [v[layer] for v in per_layer], lw=0.8, label=f"layer {layer}")
+  steps, top = series("max_logit")
+  ax_logit.plot(steps, top, "k", lw=1.5, label="max")
+  title = "max attention logit"
+  if tau is not None and max(top) > tau / 2:
+    ax_logit.axhline(tau, color="r", ls="--", label=f"tau = {tau:g}")
+  elif tau is not None:  # far below the threshold: keep the curves readable.
+    title += f" (QK-Clip tau = {tau:g})"
+  ax_logit.set(xlabel="step", ylabel="max pre-softmax logit", title=title)
+  ax_logit.legend(fontsize=7)
+  fig.tight_layout()
+  path = pathlib.Path(workdir) / PLOT_FILE
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

@@ -1,0 +1,119 @@
+"""Generation with the compressed MLA cache: per-step parity with the full forward, transformers'
+greedy `generate` token for token (uneven prompts batched, stop tokens), nucleus sampling."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from test_hf_parity import CASES, _hf_model
+
+from k2jax.generate import generate
+from k2jax.hf import from_torch_state_dict
+from k2jax.model import Transformer
+from k2jax.model.transformer import init_cache
+
+
+@functools.cache
+def _model(name: str):
+  """The HF model (peaked attention, a routing bias) and the same weights as k2jax variables."""
+  model = _hf_model(CASES[name])
+  model.generation_config.eos_token_id = None  # run every requested step.
+  return model, from_torch_state_dict(CASES[name], model.state_dict())
+
+
+@pytest.mark.parametrize("name", ["qlora_yarn", "plain_q_groups"])
+def test_every_cached_step_matches_the_full_forward(name):
+  cfg, (_, variables) = CASES[name], _model(name)
+  B, T, prefill = 2, 24, 5  # past YaRN's original 16 positions.
+  tokens_BT = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (B, T)))
+  full_BTV, _ = jax.jit(Transformer(cfg).apply)(variables, tokens_BT)
+  cache = init_cache(cfg, B, T)
+  # Only the normalised latent and the rotary key are cached: kv_lora + dr numbers per token.
+  shapes = sorted(x.shape for x in jax.tree.leaves(cache))
+  want = [(L, B, T, d) for L in (cfg.num_dense_layers, cfg.num_moe_layers)
+          for d in (cfg.kv_lora_rank, cfg.qk_rope_head_dim)]
+  assert shapes == sorted(want)
+  step = jax.jit(functools.partial(Transformer(cfg).apply, decode=True, mutable=["cache"]))
+
+  def run(tokens, positions, cache):
+    (logits, _), mutated = step({**variables, "cache": cache}, tokens, positions)
+    return logits, mutated["cache"]
+
+  positions = jnp.broadcast_to(jnp.arange(prefill), (B, prefill))
+  logits, cache = run(tokens_BT[:, :prefill], positions, cache)
+  got = [logits]
+  for t in range(prefill, T):
+    logits, cache = run(tokens_BT[:, t:t + 1], jnp.full((B, 1), t), cache)
+    got.append(logits)
+  got_BTV = np.concatenate(got, axis=1)
+  scale = np.max(np.abs(full_BTV))
+  err_T = np.max(np.abs(got_BTV - np.asarray(full_BTV)), axis=(0, 2)) / scale
+  assert np.all(err_T <= 1e-5), err_T
+
+
+def test_greedy_matches_transformers_generate():
+  """Uneven prompts batched together equal transformers' greedy generate of each alone; a stop
+  token ends a row after it (included), the other rows run on."""
+  name = "qlora_yarn"
+  cfg, (model, variables) = CASES[name], _model(name)
+  rng = np.random.default_rng(2)
+  prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 9, 6)]
+  n_new = 14  # up to position 22: past YaRN's original 16.
+  ref = []
+  for p in prompts:
+    out = model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=n_new,
+                         pad_token_id=0)
+    ref.append(out[0, len(p):].tolist())
+  assert all(len(r) == n_new for r in ref)
+  stop = ref[1][4]
+  want = [r[:r.index(stop) + 1] if stop in r else r for r in ref]
+  assert len(want[1]) <= 5 and max(len(w) for w in want) == n_new
+  assert generate(cfg, variables, prompts, n_new, stop_tokens=[stop]) == want
+
+
+def test_nucleus_sampling_draws_from_the_tempered_nucleus():
+  name = "qlora_yarn"
+  cfg, (_, variables) = CASES[name], _model(name)
+  prompt = [5, 17, 33, 2, 60, 41]
+  temperature, top_p, n = 0.7, 0.6, 4096
+  logits_V = np.asarray(jax.jit(Transformer(cfg).apply)(variables, jnp.asarray([prompt]))[0][0, -1],
+                        np.float64)
+
+  def nucleus_probs(t):
+    p = np.exp((logits_V - logits_V.max()) / t)
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = order[np.cumsum(p[order]) - p[order] < top_p]
+    q = np.zeros_like(p)
+    q[keep] = p[keep] / p[keep].sum()
+    return q
+
+  want = nucleus_probs(temperature)
+  assert 3 <= np.count_nonzero(want) <= 8  # several tokens, and a real cut.
+  assert 0.5 * np.abs(want - nucleus_probs(1.0)).sum() > 0.1  # the temperature matters.
+  draws = generate(cfg, variables, [prompt] * n, 1, temperature=temperature, top_p=top_p,
+                   seed=3)
+  counts = np.bincount([d[0] for d in draws], minlength=cfg.vocab_size)
+  assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(want))
+  assert 0.5 * np.abs(counts / n - want).sum() < 0.04
+  again = generate(cfg, variables, [prompt] * n, 1, temperature=temperature, top_p=top_p, seed=3)
+  other = generate(cfg, variables, [prompt] * n, 1, temperature=temperature, top_p=top_p, seed=4)
+  assert again == draws and other != draws
+
+
+def test_bad_arguments_raise():
+  cfg, (_, variables) = CASES["qlora_yarn"], _model("qlora_yarn")
+  for kwargs, match in [
+      (dict(prompts=[]), "prompts is empty"),
+      (dict(prompts=[[1], []]), "prompt 1 is empty"),
+      (dict(prompts=[[1, cfg.vocab_size]]), r"prompt 0 has a token outside \[0, 64\)"),
+      (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+      (dict(max_new_tokens=cfg.max_position_embeddings), "exceeds max_position_embeddings"),
+      (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+      (dict(temperature=-1.0), "temperature must be >= 0")]:
+    args = {"prompts": [[1, 2]], "max_new_tokens": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+      generate(cfg, variables, **args)
