@@ -25,5 +25,15 @@ def main(argv):
     sys.exit(f"error: {e}")
 
 
+def parse_flags(argv):
+  """absl's flag parsing; a bad --config.* override is a one-line error, not a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raw = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\n", " ")
+    message = " ".join(raw.replace("\\", "").replace("'", "").split())
+    sys.exit(f"error: bad config override: {message}")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -199,11 +199,15 @@ def test_setup_errors_are_one_line_and_name_the_culprit(corpus, run30, tmp_path)
   assert not (tmp_path / "w2").exists()
 
 
-def test_cli_bad_override_is_one_line(corpus, tmp_path):
-  args = _cli(tmp_path / "w", corpus, 5) + ["--config.optimizer.schedule=linear"]
-  out = subprocess.run(args, env=ENV, capture_output=True, text=True)
+@pytest.mark.parametrize("override, error", [
+    ("--config.optimizer.schedule=linear", "error: config.optimizer.schedule must be one of "
+     "('wsd', 'cosine', 'constant'), got 'linear'"),
+    ("--config.train.stepz=3", 'error: bad config override: stepz Did you mean "steps" '
+     'instead of "stepz"?'),
+])
+def test_cli_bad_override_is_one_line(corpus, tmp_path, override, error):
+  out = subprocess.run(_cli(tmp_path / "w", corpus, 5) + [override], env=ENV,
+                       capture_output=True, text=True)
   assert out.returncode != 0
-  assert out.stderr.strip().splitlines()[-1] == (
-      "error: config.optimizer.schedule must be one of ('wsd', 'cosine', 'constant'), "
-      "got 'linear'")
+  assert out.stderr.strip().splitlines() == [error]
   assert out.stdout == ""
