@@ -147,18 +147,23 @@ def _activation_bytes(cfg: ModelConfig, mesh: dict[str, int], b: int, T: int) ->
 
 
 def _routed_rows(cfg: ModelConfig, n: int, ep: int) -> int:
-  """Rows the dispatch pushes through the experts on one device (padding included)."""
-  K, E, bs = cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.moe_block_size
-  assign = n * K
-  if ep > 1:  # the all_to_all buffers: dropless pads to the worst case, capacity to C.
-    assign = (ep * assign if cfg.moe_dispatch != "capacity"
-              else ep * max(1, math.ceil(cfg.capacity_factor * assign / ep)))
-    E = E // ep
-  elif cfg.moe_dispatch == "capacity":
-    return E * max(1, math.ceil(cfg.capacity_factor * assign / E))
-  if cfg.moe_dispatch == "ragged":
-    return assign
-  return (-(-assign // bs) + E) * bs
+  """Rows the dispatch pushes through the experts on one device (padding included).
+
+  Expert-parallel: ep buffers of C rows arrive (C = all the device's assignments when dropless,
+  ceil(capacity_factor * assignments / ep) with "capacity") and run through the local experts
+  with the dropless dispatch. "sort" holds the larger of its two layouts (capacity, blocks).
+  """
+  E, bs, cf = cfg.n_routed_experts, cfg.moe_block_size, cfg.capacity_factor
+  rows, dispatch = n * cfg.num_experts_per_tok, cfg.moe_dispatch
+  if ep > 1:
+    rows = ep * (rows if dispatch != "capacity" else max(1, math.ceil(cf * rows / ep)))
+    E, dispatch = E // ep, "ragged" if dispatch == "ragged" else "sort"
+  if dispatch == "ragged":
+    return rows
+  capacity_rows = E * max(1, math.ceil(cf * rows / E))
+  if dispatch == "capacity":
+    return capacity_rows
+  return max(capacity_rows, (-(-rows // bs) + E) * bs)
 
 
 def format_plan(p: MemoryPlan) -> str:

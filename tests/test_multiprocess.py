@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -45,7 +46,8 @@ def _launch(workdir, corpus, devices, extra=()):
           "--config.data.read_threads=0", "--config.data.prefetch_batches=0",
           "--config.model.hidden_size=64", "--config.model.num_hidden_layers=2",
           "--config.model.n_routed_experts=8", "--config.model.num_experts_per_tok=2",
-          "--config.model.dtype=float32", "--config.mesh.fsdp=2", "--config.mesh.expert=2",
+          "--config.model.dtype=float32", "--config.optimizer.ns_dtype=float32",
+          "--config.mesh.fsdp=2", "--config.mesh.expert=2",
           "--config.sample.num_tokens=0", f"--config.train.steps={STEPS}",
           "--config.train.batch_size=8", "--config.train.seq_len=32",
           "--config.train.log_every=1", "--config.train.eval_every=2",
@@ -82,14 +84,21 @@ def test_two_processes_reproduce_the_single_process_run(corpus, tmp_path):
 
   # Both processes' shards made it into the checkpoint: it equals the one-process checkpoint.
   for step in (2, STEPS):
-    a = ocp.PyTreeCheckpointer().restore(one / "checkpoints" / str(step) / "state")
-    b = ocp.PyTreeCheckpointer().restore(two / "checkpoints" / str(step) / "state")
+    a, b = (_restore_numpy(w / "checkpoints" / str(step) / "state") for w in (one, two))
     leaves_a, leaves_b = (dict(_flat(x)) for x in (a, b))
     assert leaves_a.keys() == leaves_b.keys()
     for k in leaves_a:
       x, y = np.asarray(leaves_a[k], np.float64), np.asarray(leaves_b[k], np.float64)
       assert x.shape == y.shape, k
       np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def _restore_numpy(path):
+  """A saved state as a tree of numpy arrays, whatever mesh it was saved from."""
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
 def _flat(tree, prefix=""):

@@ -9,7 +9,7 @@ import pytest
 from k2jax import optim, presets, sharding
 from k2jax.model.counting import count_params
 from k2jax.plan import GB, memory_plan
-from k2jax.train.state import init_state
+from k2jax.train.state import init_state, state_shardings
 from k2jax.train.step import make_train_step
 
 
@@ -44,8 +44,6 @@ def test_plan_errors_name_the_mismatch():
     memory_plan(cfg, {"expert": 32}, micro_batch=32, seq_len=64)
 
 
-@pytest.mark.skip(reason="issue 5 in progress: needs make_train_step(mesh=, state_shardings=), "
-                  "the mesh integration of k2jax/train that has not landed yet")
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape, remat", [((1, 2, 4, 1), "full"), ((2, 1, 2, 2), "none")])
 def test_plan_matches_xla_memory_analysis(mesh_shape, remat):
@@ -56,7 +54,7 @@ def test_plan_matches_xla_memory_analysis(mesh_shape, remat):
   param_sh = sharding.variable_shardings(cfg, mesh)["params"]
   tx = optim.muonclip(1e-3, model_config=cfg, param_shardings=param_sh)
   state = jax.eval_shape(lambda: init_state(cfg, tx, 0))
-  state_sh = sharding.tree_shardings(state, state.params, param_sh, mesh)
+  state_sh = state_shardings(cfg, tx, mesh)
   step = make_train_step(cfg, tx, lambda s: 1e-3, mesh=mesh, state_shardings=state_sh)
   with jax.set_mesh(mesh):
     mem = step.lower(state, {"tokens": jax.ShapeDtypeStruct((B, T + 1), jnp.int32)}).compile(

@@ -31,7 +31,8 @@ MESHES = [(8, 1, 1, 1), (2, 4, 1, 1), (1, 2, 4, 1), (2, 1, 2, 2)]
 
 
 @functools.cache
-def _setup(shape=None):
+def setup(shape=None):
+  """(mesh or None, optimizer, state shardings or None, jitted step) for a mesh shape."""
   mesh = None if shape is None else sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
   param_sh = None if mesh is None else sharding.variable_shardings(CFG, mesh)["params"]
   tx = optim.muonclip(1e-2, model_config=CFG, qk_clip_tau=TAU, ns_dtype=jnp.float32,
@@ -39,21 +40,24 @@ def _setup(shape=None):
   state_sh = None if mesh is None else state_shardings(CFG, tx, mesh)
   step = make_train_step(CFG, tx, lambda s: 1e-2, grad_clip=1.0, bias_update_rate=1e-3,
                          mesh=mesh, state_shardings=state_sh)
-  return mesh, state_sh, step, init_state(CFG, tx, 0, shardings=state_sh)
+  return mesh, tx, state_sh, step
 
 
-def setup(shape=None):
-  """(mesh or None, state shardings or None, jitted step, fresh state) for a mesh shape.
+@functools.cache
+def initial_state():
+  return init_state(CFG, setup(None)[1], 0)
 
-  The state is a copy: the step donates its input.
-  """
-  mesh, state_sh, step, state = _setup(shape)
-  return mesh, state_sh, step, jax.tree.map(jnp.copy, state)
+
+def fresh_state(shape=None):
+  """The initial state laid out for `shape` (a copy: the step donates its input)."""
+  state = jax.tree.map(jnp.copy, initial_state())  # device_put may alias device 0's shard
+  state_sh = setup(shape)[2]
+  return state if state_sh is None else jax.device_put(state, state_sh)
 
 
 def run(shape, state, batches):
   """Trains on `batches`; returns (state, [loss], [clipped heads])."""
-  mesh, _, step, _ = setup(shape)
+  mesh, _, _, step = setup(shape)
   losses, clipped = [], []
   with jax.set_mesh(mesh) if mesh is not None else _nothing():
     for b in batches:
@@ -75,7 +79,7 @@ class _nothing:
 
 @functools.cache
 def reference():
-  return run(None, setup(None)[3], BATCHES)
+  return run(None, fresh_state(), BATCHES)
 
 
 def assert_same_params(a, b, rtol=1e-5):
@@ -89,8 +93,8 @@ def assert_same_params(a, b, rtol=1e-5):
 def test_five_muonclip_steps_match_one_device(shape):
   ref_state, ref_losses, ref_clipped = reference()
   assert sum(ref_clipped) > 0, "QK-Clip should fire in this test"
-  mesh, state_sh, _, state0 = setup(shape)
-  state, losses, clipped = run(shape, state0, BATCHES)
+  mesh, _, state_sh, _ = setup(shape)
+  state, losses, clipped = run(shape, fresh_state(shape), BATCHES)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   assert clipped == ref_clipped
   assert_same_params(state.params, ref_state.params)
@@ -110,12 +114,17 @@ def test_five_muonclip_steps_match_one_device(shape):
 @pytest.mark.slow
 def test_checkpoint_saved_on_one_mesh_restores_on_another_and_on_one_device(tmp_path):
   _, ref_losses, _ = reference()
-  state, losses, _ = run((2, 4, 1, 1), setup((2, 4, 1, 1))[3], BATCHES[:2])
+  state, losses, _ = run((2, 4, 1, 1), fresh_state((2, 4, 1, 1)), BATCHES[:2])
   ckpt = Checkpointer(tmp_path / "checkpoints", keep=2, async_save=False)
   assert ckpt.save(2, state, {"position": 2})
   ckpt.wait()
   for shape in [(1, 2, 4, 1), None]:
-    target = setup(shape)[3]
+    mesh, tx, state_sh, _ = setup(shape)
+    # The restore target: a fresh state made in place on the new mesh (same values as unsharded).
+    with jax.set_mesh(mesh) if mesh is not None else _nothing():
+      target = init_state(CFG, tx, 0, shardings=state_sh)
+    for x, y in zip(jax.tree.leaves(target), jax.tree.leaves(initial_state())):
+      np.testing.assert_array_equal(x, y)
     step, restored, data = Checkpointer(tmp_path / "checkpoints", keep=2).restore_latest(target)
     assert step == 2 and data == {"position": 2}
     for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):

@@ -53,14 +53,30 @@ def _bad(**changes):
     (dict(optimizer__decay_fraction=1.5), "config.optimizer.decay_fraction"),
     (dict(router__bias_update_rate=-0.1), "config.router.bias_update_rate"),
     (dict(checkpoint__keep=0), "config.checkpoint.keep"),
-    (dict(mesh__tensor=2), "config.mesh.tensor"),
     (dict(mesh__data=0), "config.mesh.data"),
+    (dict(mesh__data=16), "config.mesh"),
+    (dict(mesh__fsdp=-1, mesh__data=-1), "config.mesh"),
+    (dict(mesh__data=2, mesh__fsdp=4, train__batch_size=4), "config.train.batch_size"),
     (dict(model__preset="k3"), "config.model.preset"),
 ])
 def test_bad_values(changes, culprit):
   with pytest.raises(ConfigError) as e:
     validate(_bad(**changes))
   assert str(e.value).startswith(culprit) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("axis, size, culprit", [
+    ("tensor", 3, "config.model.num_attention_heads"),
+    ("expert", 3, "config.model.n_routed_experts"),
+    ("fsdp", 5, "config.model.hidden_size")])
+def test_model_does_not_split_over_mesh(axis, size, culprit):
+  c = default_config()
+  c.mesh.data, c.train.batch_size = 1, 15
+  c.mesh[axis] = size
+  validate(c)
+  with pytest.raises(ConfigError) as e:
+    model_config(c, 256)
+  assert str(e.value).startswith(culprit) and f"mesh axis {axis}" in str(e.value)
 
 
 def test_unknown_key():

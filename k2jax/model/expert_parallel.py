@@ -135,7 +135,10 @@ def _exchange(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, *, ep: int, tensor_axe
   recv_R = jax.lax.all_to_all(send_R, "expert", 0, 0, tiled=True)
   valid_R = recv_R < El
   recv_RD, valid_R1 = _varying((recv_RD, valid_R.astype(jnp.float32)[:, None]), tensor_axes)
-  y_RD, _ = routed_experts(recv_RD, jnp.where(valid_R, recv_R, 0)[:, None], valid_R1,
+  # Empty rows (zero input, zero weight) spread over the local experts, so that the padding
+  # does not overload one expert and push the dropless dispatch off its capacity layout.
+  fill_R = jnp.arange(recv_R.shape[0]) % El
+  y_RD, _ = routed_experts(recv_RD, jnp.where(valid_R, recv_R, fill_R)[:, None], valid_R1,
                            wg_EDF, wu_EDF, wd_EFD,
                            dispatch="ragged" if dispatch == "ragged" else "sort",
                            block_size=block_size, dtype=dtype)

@@ -4,7 +4,7 @@ from k2jax.train.config import ConfigError, default_config, model_config, valida
 from k2jax.train.loop import build_optimizer, train
 from k2jax.train.sample import sample_tokens
 from k2jax.train.schedules import make_schedule
-from k2jax.train.state import TrainState, init_state
+from k2jax.train.state import TrainState, init_state, state_shardings
 from k2jax.train.step import make_eval_step, make_train_step
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
   "make_train_step",
   "model_config",
   "sample_tokens",
+  "state_shardings",
   "train",
   "validate",
 ]

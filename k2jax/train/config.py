@@ -8,18 +8,19 @@ field of config.model is a ModelConfig field that overrides it when set (None ke
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import ml_collections
 from ml_collections import config_dict
 
 from k2jax import data as data_lib
-from k2jax import presets
+from k2jax import presets, sharding
 from k2jax.config import ModelConfig
 from k2jax.train.schedules import SCHEDULES
 
 OPTIMIZERS = ("muonclip", "muon", "adamw")
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+NS_DTYPES = ("bfloat16", "float32")  # Muon's Newton-Schulz iteration
 VOCAB_MULTIPLE = 64
 
 
@@ -45,7 +46,8 @@ def default_config() -> ml_collections.ConfigDict:
       eval_batches=4))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="muonclip", lr=2e-3, schedule="wsd", warmup_steps=50, decay_fraction=0.2,
-      final_lr_fraction=0.1, weight_decay=0.1, qk_clip_tau=100.0, grad_clip=1.0))
+      final_lr_fraction=0.1, weight_decay=0.1, qk_clip_tau=100.0, grad_clip=1.0,
+      ns_dtype="bfloat16"))
   c.router = ml_collections.ConfigDict(dict(bias_update_rate=1e-3, centered=False))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=3, async_save=True))
   c.data = data_lib.default_data_config()
@@ -86,20 +88,18 @@ def _real(cfg, key: str, low: float, high: float = float("inf"), open_low: bool 
 
 
 def mesh_shape(config) -> dict[str, int]:
-  """Mesh axis sizes over the first devices; config.mesh.data = -1 takes all that remain."""
-  sizes = {a: config.mesh[a] for a in MESH_AXES}
-  for a, v in sizes.items():
-    if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and not (a == "data" and v == -1)):
-      _fail(f"mesh.{a}", f"must be a positive integer{' or -1' if a == 'data' else ''}, got {v!r}")
-  for a in ("fsdp", "expert", "tensor"):
-    if sizes[a] != 1:
-      _fail(f"mesh.{a}", f"= {sizes[a]}: only data parallelism is implemented so far")
+  """{axis: size} of config.mesh over this run's devices (one axis may be -1: the rest).
+
+  Without a -1 the mesh may use fewer devices than there are (the first ones, one process only).
+  """
+  sizes = {a: config.mesh[a] for a in sharding.MESH_AXES}
   n = jax.device_count()
-  if sizes["data"] == -1:
-    sizes["data"] = n
-  if sizes["data"] > n:
-    _fail("mesh.data", f"= {sizes['data']} but there are only {n} devices")
-  return sizes
+  if jax.process_count() == 1 and all(type(v) is int and v > 0 for v in sizes.values()):
+    n = min(n, math.prod(sizes.values()))
+  try:
+    return sharding.mesh_sizes(sizes, n)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
 
 
 def validate(config) -> None:
@@ -114,15 +114,18 @@ def validate(config) -> None:
               "sample.num_tokens"):
     _int(config, key, 0)
   t = config.train
-  data_shards = mesh_shape(config)["data"]
-  if t.batch_size % (t.grad_accum * data_shards):
+  mesh = mesh_shape(config)
+  batch_shards = math.prod(mesh[a] for a in sharding.BATCH_AXES)
+  if t.batch_size % (t.grad_accum * batch_shards):
     _fail("train.batch_size", f"({t.batch_size}) must be divisible by train.grad_accum "
-          f"({t.grad_accum}) times the data-parallel devices ({data_shards})")
+          f"({t.grad_accum}) times mesh data x fsdp x expert ({batch_shards})")
   o = config.optimizer
   if o.name not in OPTIMIZERS:
     _fail("optimizer.name", f"must be one of {OPTIMIZERS}, got {o.name!r}")
   if o.schedule not in SCHEDULES:
     _fail("optimizer.schedule", f"must be one of {SCHEDULES}, got {o.schedule!r}")
+  if o.ns_dtype not in NS_DTYPES:
+    _fail("optimizer.ns_dtype", f"must be one of {NS_DTYPES}, got {o.ns_dtype!r}")
   _real(config, "optimizer.lr", 0.0, open_low=True)
   _real(config, "optimizer.qk_clip_tau", 0.0, open_low=True)
   for key in ("optimizer.weight_decay", "optimizer.grad_clip", "router.bias_update_rate",
@@ -149,6 +152,10 @@ def model_config(config, vocab_size: int) -> ModelConfig:
   vocab = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
   try:
     cfg = presets.get(config.model.preset, vocab_size=vocab, **overrides)
+  except ValueError as e:
+    raise ConfigError(str(e).replace("ModelConfig.", "config.model.", 1)) from e
+  try:
+    sharding.check_config(cfg, mesh_shape(config))
   except ValueError as e:
     raise ConfigError(str(e).replace("ModelConfig.", "config.model.", 1)) from e
   if config.train.seq_len > cfg.max_position_embeddings:

@@ -21,11 +21,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from k2jax import data as data_lib
-from k2jax import optim
+from k2jax import distributed, optim, sharding
 from k2jax.flops import flops_per_token
 from k2jax.model.counting import count_params
 from k2jax.perf import matmul_peak_flops
@@ -35,18 +33,26 @@ from k2jax.train.metrics import MetricsWriter, read_metrics, truncate_metrics
 from k2jax.train.plot import plot_run
 from k2jax.train.sample import sample_tokens
 from k2jax.train.schedules import make_schedule
-from k2jax.train.state import TrainState, init_state
+from k2jax.train.state import TrainState, init_state, state_shardings
 from k2jax.train.step import make_eval_step, make_train_step
 
 
-def build_optimizer(config, model_cfg, schedule):
-  """config.optimizer -> the k2jax optax transform (QK-Clip only for muonclip)."""
+def build_optimizer(config, model_cfg, schedule, mesh=None):
+  """config.optimizer -> the k2jax optax transform (QK-Clip only for muonclip).
+
+  On a mesh that splits parameters (fsdp, expert or tensor > 1), Muon's Newton-Schulz runs
+  sharded (Distributed Muon); on a data-parallel mesh the replicated matrices are batched.
+  """
   o = config.optimizer
+  splits = mesh is not None and any(mesh.shape[a] > 1 for a in ("fsdp", "expert", "tensor"))
+  shardings = sharding.variable_shardings(model_cfg, mesh)["params"] if splits else None
   if o.name == "muonclip":
     return optim.muonclip(schedule, weight_decay=o.weight_decay, qk_clip_tau=o.qk_clip_tau,
-                          model_config=model_cfg)
+                          model_config=model_cfg, ns_dtype=jnp.dtype(o.ns_dtype),
+                          param_shardings=shardings)
   if o.name == "muon":
-    return optim.muon(schedule, weight_decay=o.weight_decay)
+    return optim.muon(schedule, weight_decay=o.weight_decay, ns_dtype=jnp.dtype(o.ns_dtype),
+                      param_shardings=shardings)
   return optim.adamw(schedule, weight_decay=o.weight_decay)
 
 
@@ -85,11 +91,13 @@ class _Setup:
     self.model_cfg = config_lib.model_config(config, self.tokenizer.vocab_size)
     sizes = config_lib.mesh_shape(config)
     self.num_devices = math.prod(sizes.values())
-    self.mesh = jax.make_mesh(tuple(sizes.values()), tuple(sizes),
-                              axis_types=(jax.sharding.AxisType.Auto,) * len(sizes),
-                              devices=jax.devices()[:self.num_devices])
-    self.batch_sharding = NamedSharding(self.mesh, P(("data", "fsdp")))
-    self.replicated = NamedSharding(self.mesh, P())
+    self.mesh = sharding.make_mesh(sizes, jax.devices()[:self.num_devices])
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+
+  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """The global batch (every process reads all of it) as arrays over the mesh's devices."""
+    return jax.tree.map(lambda x: jax.make_array_from_callback(
+        x.shape, self.batch_sharding, lambda index: x[index]), batch)
 
 
 class _SigtermFlag:
@@ -119,7 +127,7 @@ _NUMERICS_FIELDS = ("dtype", "moe_dispatch", "capacity_factor", "moe_block_size"
 RUN_FILE = "run.json"
 
 
-def _check_same_run(workdir: pathlib.Path, config, cfg) -> None:
+def _check_same_run(workdir: pathlib.Path, config, cfg, write: bool) -> None:
   """A workdir resumes only the run it holds: same model shapes and optimizer."""
   now = {"optimizer": config.optimizer.name,
          **{k: v for k, v in cfg.to_dict().items() if k not in _NUMERICS_FIELDS}}
@@ -133,7 +141,8 @@ def _check_same_run(workdir: pathlib.Path, config, cfg) -> None:
       raise config_lib.ConfigError(
           f"workdir {workdir} holds a run with {k}={before.get(k)!r}, this config has "
           f"{now.get(k)!r} ({len(diff)} field(s) differ); use another workdir")
-  path.write_text(json.dumps(now, indent=2))
+  if write:
+    path.write_text(json.dumps(now, indent=2))
 
 
 def _check_finite(step: int, m: dict, last_saved: int | None) -> None:
@@ -151,12 +160,15 @@ def train(config, workdir: str) -> dict[str, Any]:
   schedule = make_schedule(config.optimizer.schedule, config.optimizer.lr, t.steps,
                            config.optimizer.warmup_steps, config.optimizer.decay_fraction,
                            config.optimizer.final_lr_fraction)
-  tx = build_optimizer(config, cfg, schedule)
-  _check_same_run(s.workdir, config, cfg)
-  (s.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  tx = build_optimizer(config, cfg, schedule, s.mesh)
+  primary = distributed.is_primary()
+  _check_same_run(s.workdir, config, cfg, write=primary)
+  if primary:
+    (s.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   with jax.set_mesh(s.mesh):
-    state = jax.device_put(init_state(cfg, tx, config.seed), s.replicated)
+    state_sh = state_shardings(cfg, tx, s.mesh)
+    state = init_state(cfg, tx, config.seed, shardings=state_sh)
     ckpt = Checkpointer(s.workdir / "checkpoints", config.checkpoint.keep,
                         config.checkpoint.async_save)
     restored = ckpt.restore_latest(state)
@@ -164,7 +176,8 @@ def train(config, workdir: str) -> dict[str, Any]:
     if restored is not None:
       start, state, data_state = restored
       s.train_iter.set_state(data_state)
-      truncate_metrics(s.workdir, start)
+      if primary:
+        truncate_metrics(s.workdir, start)
       print(f"resumed from {ckpt.directory / str(start)}", flush=True)
     last_saved = start if restored is not None else None
 
@@ -179,15 +192,15 @@ def train(config, workdir: str) -> dict[str, Any]:
 
     train_step = make_train_step(
         cfg, tx, schedule, grad_accum=t.grad_accum, grad_clip=config.optimizer.grad_clip,
-        bias_update_rate=config.router.bias_update_rate, bias_centered=config.router.centered)
-    eval_step = make_eval_step(cfg)
-    writer = MetricsWriter(s.workdir, t.steps)
+        bias_update_rate=config.router.bias_update_rate, bias_centered=config.router.centered,
+        mesh=s.mesh, state_shardings=state_sh)
+    eval_step = make_eval_step(cfg, s.mesh)
+    writer = MetricsWriter(s.workdir, t.steps) if primary else None
     tokens_per_step = t.batch_size * t.seq_len
     summary: dict[str, Any] = {"start_step": start, "stopped": None}
 
     def evaluate(st: TrainState) -> dict[str, float]:
-      losses = [eval_step(st.params, st.router, jax.device_put(b, s.batch_sharding))
-                for b in s.eval_batches]
+      losses = [eval_step(st.params, st.router, s.put_batch(b)) for b in s.eval_batches]
       loss = float(np.mean(jax.device_get(losses)))
       return {"eval_loss": loss,
               "eval_bits_per_byte": loss / math.log(2) / s.bytes_per_token}
@@ -211,8 +224,9 @@ def train(config, workdir: str) -> dict[str, Any]:
       if extra or step % t.log_every == 0 or step == t.steps:
         seconds = max(now - clock["time"], 1e-9)
         tps = (step - clock["step"]) * tokens_per_step / seconds
-        writer.write({"step": step, **m, "tokens_per_sec": tps, "mfu": fpt * tps / peak,
-                      **extra})
+        if writer is not None:
+          writer.write({"step": step, **m, "tokens_per_sec": tps, "mfu": fpt * tps / peak,
+                        **extra})
         clock.update(step=step, time=time.perf_counter())
 
     try:
@@ -220,7 +234,7 @@ def train(config, workdir: str) -> dict[str, Any]:
         compiled, pending = None, None  # pending: (step, metrics, extra) not yet fetched.
         for i in range(start, t.steps):
           step = i + 1
-          batch = jax.device_put(next(s.train_iter), s.batch_sharding)
+          batch = s.put_batch(next(s.train_iter))
           data_state = s.train_iter.get_state()
           if compiled is None:
             t0 = time.perf_counter()
@@ -250,16 +264,23 @@ def train(config, workdir: str) -> dict[str, Any]:
     finally:
       ckpt.wait()
       ckpt.close()
-      writer.close()
+      if writer is not None:
+        writer.close()
       s.train_iter.close()
 
+    summary["step"] = int(state.step)
+    if not primary:  # metrics, plot and sample are process 0's.
+      return summary
     records = read_metrics(s.workdir)
-    summary.update(step=int(state.step), plot=str(plot_run(
+    summary.update(plot=str(plot_run(
         s.workdir, config.optimizer.qk_clip_tau if config.optimizer.name == "muonclip" else None)))
     summary.update({k: records[-1][k] for k in ("loss", "eval_loss", "eval_bits_per_byte")
                     if records and k in records[-1]})
     _print_trajectory(records)
-    if config.sample.num_tokens and summary["stopped"] is None:
+    if jax.process_count() > 1 and config.sample.num_tokens:
+      print("sample: skipped in a multi-process run (sample from the checkpoint with "
+            "experiments/generate.py)", flush=True)
+    elif config.sample.num_tokens and summary["stopped"] is None:
       ids = sample_tokens(cfg, {"params": state.params, "router": state.router},
                           s.tokenizer.encode(config.sample.prompt), config.sample.num_tokens,
                           config.sample.temperature, state.rng, s.tokenizer.vocab_size)

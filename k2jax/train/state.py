@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from k2jax import sharding
 from k2jax.config import ModelConfig
 from k2jax.model import init_variables
 
@@ -22,11 +26,33 @@ class TrainState:
   rng: jax.Array  # uint32 [2], for sampling.
 
 
-def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  """Fresh variables from `seed`, the optimizer state, step 0."""
+def _init(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
   init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
   variables = init_variables(model_cfg, init_key)
-  params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=jax.jit(tx.init)(params), router=variables.get("router", {}),
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                    opt_state=tx.init(variables["params"]), router=variables.get("router", {}),
                     rng=rng)
+
+
+def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
+               shardings: TrainState | None = None) -> TrainState:
+  """Fresh variables from `seed`, the optimizer state, step 0.
+
+  With `shardings` (`state_shardings`) every leaf is created in place on its devices, so no
+  device ever holds the whole state; the values are the same on any mesh.
+  """
+  return jax.jit(_init, static_argnums=(0, 1, 2), out_shardings=shardings)(model_cfg, tx, seed)
+
+
+def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation,
+                    mesh: Mesh) -> TrainState:
+  """NamedShardings of the train state on `mesh`: parameters and router bias by the logical-axis
+  rules, every optimizer-state copy of a parameter like that parameter, the rest replicated."""
+  abstract = jax.eval_shape(functools.partial(_init, model_cfg, tx, 0))
+  variables = sharding.variable_shardings(model_cfg, mesh)
+  replicated = NamedSharding(mesh, P())
+  return TrainState(
+      step=replicated, params=variables["params"],
+      opt_state=sharding.tree_shardings(abstract.opt_state, abstract.params,
+                                        variables["params"], mesh),
+      router=variables.get("router", {}), rng=replicated)

@@ -9,12 +9,16 @@ step's expert load over the whole global batch.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from k2jax import sharding
 from k2jax.config import ModelConfig
 from k2jax.model import Transformer
 from k2jax.model.moe import update_router_bias
@@ -51,8 +55,18 @@ def _optimizer_metrics(opt_state) -> dict:
 
 def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformationExtraArgs,
                     schedule: optax.Schedule, *, grad_accum: int = 1, grad_clip: float = 0.0,
-                    bias_update_rate: float = 0.0, bias_centered: bool = False) -> Callable:
-  """(state, batch) -> (state, metrics), jitted with the state donated."""
+                    bias_update_rate: float = 0.0, bias_centered: bool = False,
+                    mesh: Mesh | None = None, state_shardings: TrainState | None = None
+                    ) -> Callable:
+  """(state, batch) -> (state, metrics), jitted with the state donated.
+
+  With `mesh` and `state_shardings` (`k2jax.train.state_shardings`) the step is compiled for the
+  mesh: the state keeps its shardings, the batch is split over data x fsdp x expert, metrics are
+  replicated, and the model sees the mesh (activation constraints, expert-parallel dispatch).
+  GSPMD reduces the gradients, the expert load and QK-Clip's max logits over the devices.
+  """
+  if (mesh is None) != (state_shardings is None):
+    raise ValueError("make_train_step: pass mesh and state_shardings together")
   model = Transformer(model_cfg)
 
   def loss_fn(params, router, tokens_BT1):
@@ -119,11 +133,28 @@ def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformationExtr
                               router=router)
     return new_state, metrics
 
-  return jax.jit(step, donate_argnums=0)
+  if mesh is None:
+    return jax.jit(step, donate_argnums=0)
+  return jax.jit(_under_mesh(step, mesh), donate_argnums=0,
+                 in_shardings=(state_shardings, {"tokens": sharding.batch_sharding(mesh)}),
+                 out_shardings=(state_shardings, NamedSharding(mesh, P())))
 
 
-def make_eval_step(model_cfg: ModelConfig) -> Callable:
-  """(params, router, batch) -> mean next-token cross-entropy, jitted."""
+def _under_mesh(fn: Callable, mesh: Mesh | None) -> Callable:
+  """fn traced with `mesh` as the abstract context mesh (what the model's sharding code reads)."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+
+  return wrapped
+
+
+def make_eval_step(model_cfg: ModelConfig, mesh: Mesh | None = None) -> Callable:
+  """(params, router, batch) -> mean next-token cross-entropy, jitted (for `mesh` if given)."""
   model = Transformer(model_cfg)
 
   def eval_step(params, router, batch):
@@ -131,4 +162,4 @@ def make_eval_step(model_cfg: ModelConfig) -> Callable:
     logits_BTV, _ = model.apply({"params": params, "router": router}, tokens_BT1[:, :-1])
     return cross_entropy(logits_BTV, tokens_BT1[:, 1:])
 
-  return jax.jit(eval_step)
+  return jax.jit(_under_mesh(eval_step, mesh))
