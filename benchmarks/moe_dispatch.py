@@ -4,7 +4,7 @@ The layer has k2_small's shape (D, E, K, F); T = 8 * 512 tokens routed by top-K 
 logits ("balanced": every expert near T*K/E rows) or with expert 0's logit raised so that it
 takes most tokens ("skewed": the dropless sort path then leaves its capacity layout for the
 block layout). The dense reference is one SwiGLU of width K*F applied to every token: the same
-activated FLOPs, timed two ways: `dispatch.swiglu` (the routed paths' numerics: bf16 matmuls in
+activated FLOPs, timed two ways: `layers.swiglu` (the routed paths' numerics: bf16 matmuls in
 the backward too) and plain autodiff of `layers.matmul` (the backward's matmuls then run in
 float32). Ratios are to the faster of the two in the same round: each round times every variant
 back to back (the machine is shared), and the table gives medians over rounds.
@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from k2jax import presets
 from k2jax.flops import flops_per_token
 from k2jax.model import Transformer, init_variables
-from k2jax.model.dispatch import DISPATCHES, routed_experts, swiglu
-from k2jax.model.layers import matmul
+from k2jax.model.dispatch import DISPATCHES, routed_experts
+from k2jax.model.layers import matmul, swiglu
 from k2jax.perf import matmul_peak_flops, time_fn
 
 TOKENS = 8 * 512
@@ -138,7 +138,7 @@ def markdown(results: list[dict], forwards: list[dict]) -> str:
       f"layer, k2_small shape D={s['D']} E={s['E']} K={s['K']} F={s['F']}, T={r0['tokens']} "
       f"tokens, moe_block_size={s['block_size']}, capacity_factor={s['capacity_factor']}; "
       f"max expert load / mean: {loads}. Reference: a dense SwiGLU of width K*F on every token "
-      "(same activated FLOPs): `dense` = `dispatch.swiglu` (bf16 matmuls forward and backward), "
+      "(same activated FLOPs): `dense` = `layers.swiglu` (bf16 matmuls forward and backward), "
       "`dense_autodiff` = autodiff of `layers.matmul` (float32 backward matmuls). Ratio = median "
       "over rounds of (time / faster dense time in the same round). TFLOP/s counts activated "
       "FLOPs only.", ""]

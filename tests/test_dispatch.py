@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from k2jax.model.dispatch import DISPATCHES, routed_experts, swiglu
+from k2jax.model.dispatch import DISPATCHES, routed_experts
+from k2jax.model.layers import swiglu
 
 T, D, E, K, F = 48, 16, 8, 2, 12
 HIGHEST = jax.lax.Precision.HIGHEST

@@ -14,7 +14,8 @@ assignment. Rows are gathered from x, pushed through their expert's SwiGLU, summ
 
 "capacity" and "sort" share one custom VJP. Its backward runs every matmul in the compute dtype
 too, each in the row-major [M, K] @ [K, N] form XLA:CPU's fast (YNNPACK) bf16 kernel takes, and
-moves rows with gathers (no scatters). `swiglu` is the same SwiGLU for a dense layer.
+moves rows with gathers (no scatters). Each group of rows runs `layers.swiglu_rows_fwd/bwd`, the
+same SwiGLU as the dense `layers.swiglu`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from k2jax.model.layers import matmul
+from k2jax.model.layers import fuse_swiglu_weights, swiglu_rows_bwd, swiglu_rows_fwd
 
 DISPATCHES = ("sort", "capacity", "ragged")
 
@@ -98,54 +99,6 @@ def _sum_rows(y_GMD: jnp.ndarray, dest_TK: jnp.ndarray) -> jnp.ndarray:
   return sum(_take(y_RD, dest_TK[:, k]) for k in range(dest_TK.shape[1]))
 
 
-def _transposed(a_GIJ: jnp.ndarray) -> jnp.ndarray:
-  """a with its last two axes swapped, built by a gather: XLA folds a plain transpose into the
-  dot that consumes it, and XLA:CPU then runs that dot in float32, off its fast bf16 kernel."""
-  G, I, J = a_GIJ.shape
-  start_GJ3 = jnp.stack(jnp.broadcast_arrays(
-      jnp.arange(G)[:, None], jnp.zeros((1, J), jnp.int32), jnp.arange(J)[None, :]), axis=-1)
-  dnums = jax.lax.GatherDimensionNumbers(offset_dims=(2,), collapsed_slice_dims=(0, 2),
-                                         start_index_map=(0, 1, 2))
-  return jax.lax.gather(a_GIJ, start_GJ3, dnums, (1, I, 1))
-
-
-def _swiglu_fwd_rows(x_GMD, wgu_GDH, wd_GFD, w_GM, dtype):
-  """y = (w * silu(x @ gate) * (x @ up)) @ down per group (gate|up fused: wgu [G, D, 2F]);
-  returns y float32 and the gate|up pre-activations in `dtype` (the backward's residual)."""
-  gu_GMH = matmul("gmd,gdh->gmh", x_GMD, wgu_GDH, dtype)
-  g_GMF, u_GMF = jnp.split(gu_GMH, 2, axis=-1)
-  h_GMF = jax.nn.silu(g_GMF) * u_GMF * w_GM[..., None]
-  return matmul("gmf,gfd->gmd", h_GMF, wd_GFD, dtype), gu_GMH.astype(dtype)
-
-
-def _weight_grad(a_GMI, b_GMJ, dtype):
-  """a^T @ b per group [G, I, J] (a contraction over rows): transposes the narrower operand."""
-  if a_GMI.shape[-1] <= b_GMJ.shape[-1]:
-    return matmul("gim,gmj->gij", _transposed(a_GMI.astype(dtype)), b_GMJ, dtype)
-  return _transposed(matmul("gjm,gmi->gji", _transposed(b_GMJ.astype(dtype)), a_GMI, dtype))
-
-
-def _swiglu_bwd_rows(x_GMD, wgu_GDH, wd_GFD, w_GM, gu_GMH, dy_GMD, dtype):
-  """Cotangents (dx, dwgu, dwd, dw per row; float32) of `_swiglu_fwd_rows` given dy."""
-  dy_GMD = dy_GMD.astype(dtype)
-  g_GMF, u_GMF = jnp.split(gu_GMH.astype(jnp.float32), 2, axis=-1)
-  sig_GMF = jax.nn.sigmoid(g_GMF)
-  act_GMF = g_GMF * sig_GMF
-  dwh_GMF = matmul("gmd,gdf->gmf", dy_GMD, _transposed(wd_GFD), dtype)
-  dw_GM = jnp.sum(act_GMF * u_GMF * dwh_GMF, axis=-1)
-  dh_GMF = dwh_GMF * w_GM[..., None]
-  dgu_GMH = jnp.concatenate([dh_GMF * u_GMF * sig_GMF * (1 + g_GMF * (1 - sig_GMF)),
-                             dh_GMF * act_GMF], axis=-1).astype(dtype)
-  dwd_GFD = _weight_grad((act_GMF * u_GMF * w_GM[..., None]).astype(dtype), dy_GMD, dtype)
-  dx_GMD = matmul("gmh,ghd->gmd", dgu_GMH, _transposed(wgu_GDH), dtype)
-  return dx_GMD, _weight_grad(x_GMD, dgu_GMH, dtype), dwd_GFD, dw_GM
-
-
-def _fuse_weights(wg_EDF, wu_EDF, wd_EFD, dtype):
-  """gate|up fused [E, D, 2F] and down [E, F, D], in `dtype`."""
-  return jnp.concatenate([wg_EDF, wu_EDF], axis=-1).astype(dtype), wd_EFD.astype(dtype)
-
-
 def _layout_fwd(x_TD, w_TK, wgu_EDH, wd_EFD, *, lay: _Layout, group_rows: int, res_rows: int,
                 dtype):
   """The routed SwiGLU through one layout; returns out_TD and the per-row residuals (zero-padded
@@ -155,7 +108,7 @@ def _layout_fwd(x_TD, w_TK, wgu_EDH, wd_EFD, *, lay: _Layout, group_rows: int, r
   w_GM = _take(w_TK.reshape(-1).astype(jnp.float32), src_GM)
   if lay.expert_G is not None:
     wgu_EDH, wd_EFD = wgu_EDH[lay.expert_G], wd_EFD[lay.expert_G]
-  y_GMD, gu_GMH = _swiglu_fwd_rows(_take(x_TD.astype(dtype), src_GM // K), wgu_EDH, wd_EFD,
+  y_GMD, gu_GMH = swiglu_rows_fwd(_take(x_TD.astype(dtype), src_GM // K), wgu_EDH, wd_EFD,
                                    w_GM, dtype)
   out_TD = _sum_rows(y_GMD, lay.dest_A.reshape(T, K))
   pad = res_rows - w_GM.size
@@ -172,7 +125,7 @@ def _layout_bwd(x_TD, w_TK, wgu_EDH, wd_EFD, rows, dout_TD, *, lay: _Layout, gro
   w_R, gu_RH = (r[:src_GM.size] for r in rows)
   if lay.expert_G is not None:
     wgu_EDH, wd_EFD = wgu_EDH[lay.expert_G], wd_EFD[lay.expert_G]
-  dx_GMD, dwgu_GDH, dwd_GFD, dw_GM = _swiglu_bwd_rows(
+  dx_GMD, dwgu_GDH, dwd_GFD, dw_GM = swiglu_rows_bwd(
       _take(x_TD.astype(dtype), src_GM // K), wgu_EDH, wd_EFD, w_R.reshape(src_GM.shape),
       gu_RH.reshape(*src_GM.shape, -1), _take(dout_TD.astype(dtype), src_GM // K), dtype)
   if lay.expert_G is not None:
@@ -196,7 +149,7 @@ def _routed_swiglu(x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD, layouts, branch, group_ro
 
 
 def _routed_swiglu_fwd(x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD, layouts, branch, group_rows, dtype):
-  weights = _fuse_weights(wg_EDF, wu_EDF, wd_EFD, dtype)
+  weights = fuse_swiglu_weights(wg_EDF, wu_EDF, wd_EFD, dtype)
   res_rows = max(lay.src_R.shape[0] for lay in layouts)
   fns = [functools.partial(_layout_fwd, lay=lay, group_rows=m, res_rows=res_rows, dtype=dtype)
          for lay, m in zip(layouts, group_rows)]
@@ -209,7 +162,7 @@ def _routed_swiglu_bwd(group_rows, dtype, res, dout_TD):
   fns = [functools.partial(_layout_bwd, lay=lay, group_rows=m, dtype=dtype)
          for lay, m in zip(layouts, group_rows)]
   dx_TD, dw_TK, dwgu_EDH, dwd_EFD = _switch(
-      branch, fns, x_TD, w_TK, *_fuse_weights(wg_EDF, wu_EDF, wd_EFD, dtype), rows, dout_TD)
+      branch, fns, x_TD, w_TK, *fuse_swiglu_weights(wg_EDF, wu_EDF, wd_EFD, dtype), rows, dout_TD)
   dwg_EDF, dwu_EDF = jnp.split(dwgu_EDH, 2, axis=-1)
   grads = (dx_TD, dw_TK, dwg_EDF, dwu_EDF, dwd_EFD)
   primals = (x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD)
@@ -217,33 +170,6 @@ def _routed_swiglu_bwd(group_rows, dtype, res, dout_TD):
 
 
 _routed_swiglu.defvjp(_routed_swiglu_fwd, _routed_swiglu_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def swiglu(x_TD, wg_DF, wu_DF, wd_FD, dtype=jnp.float32):
-  """Dense SwiGLU down(silu(x @ gate) * (x @ up)), float32 out, with the routed experts' numerics:
-  matmuls in `dtype` accumulating in float32, forward and backward."""
-  return _swiglu_fwd(x_TD, wg_DF, wu_DF, wd_FD, dtype)[0]
-
-
-def _swiglu_fwd(x_TD, wg_DF, wu_DF, wd_FD, dtype):
-  wgu_1DH, wd_1FD = _fuse_weights(wg_DF[None], wu_DF[None], wd_FD[None], dtype)
-  w_1T = jnp.ones((1, x_TD.shape[0]), jnp.float32)
-  y_1TD, gu_1TH = _swiglu_fwd_rows(x_TD.astype(dtype)[None], wgu_1DH, wd_1FD, w_1T, dtype)
-  return y_1TD[0], (x_TD, wg_DF, wu_DF, wd_FD, gu_1TH)
-
-
-def _swiglu_bwd(dtype, res, dy_TD):
-  x_TD, wg_DF, wu_DF, wd_FD, gu_1TH = res
-  wgu_1DH, wd_1FD = _fuse_weights(wg_DF[None], wu_DF[None], wd_FD[None], dtype)
-  w_1T = jnp.ones((1, x_TD.shape[0]), jnp.float32)
-  dx_1TD, dwgu_1DH, dwd_1FD, _ = _swiglu_bwd_rows(x_TD.astype(dtype)[None], wgu_1DH, wd_1FD,
-                                                   w_1T, gu_1TH, dy_TD[None], dtype)
-  grads = (dx_1TD[0], *jnp.split(dwgu_1DH[0], 2, axis=-1), dwd_1FD[0])
-  return tuple(g.astype(a.dtype) for g, a in zip(grads, (x_TD, wg_DF, wu_DF, wd_FD)))
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def _ragged_ffn(x_TD, w_TK, s: _Sorted, wg_EDF, wu_EDF, wd_EFD, dtype):
