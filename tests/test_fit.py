@@ -82,6 +82,16 @@ def test_analyze_synthetic_sweep_directory(tmp_path):
   assert mult["fit"] == pytest.approx(compute_multiplier(MUON, ADAMW, mult["loss"]), rel=1e-6)
   assert mult["interpolated"] == pytest.approx(mult["fit"], rel=0.05)
   assert "| muonclip | 4 |" in md and (tmp_path / "loss_vs_compute.png").stat().st_size > 5000
+  # Another loss field: the train loss here follows AdamW's law for both arms (multiplier 1).
+  for r in rows:
+    r["loss_tail"] = float(ADAMW.loss(r["flops"]))
+  (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  _, tail = analyze(tmp_path, y="loss_tail")
+  assert tail["multipliers"]["muonclip"]["fit"] == pytest.approx(1.0, rel=1e-6)
+  assert (tmp_path / "analysis_loss_tail.md").exists()
+  assert (tmp_path / "loss_vs_compute_loss_tail.png").exists()
+  assert json.loads((tmp_path / "analysis.json").read_text()) == json.loads(json.dumps(
+      numbers, default=float))  # the default analysis is left as it was
   (tmp_path / "sweep.json").write_text(json.dumps(
       {"title": "t", "points": [], "analysis": {"kind": "nope"}}))
   with pytest.raises(ValueError, match="sweep.json: analysis needs kind"):

@@ -54,8 +54,10 @@ def points_table(rows: list[dict], arm: str, y: str) -> str:
   return "\n".join(lines)
 
 
-def compute_report(rows: list[dict], spec: dict, directory: pathlib.Path) -> tuple[str, dict]:
-  """Power-law fit per arm, multipliers against the reference arm, plots; (markdown, numbers)."""
+def compute_report(rows: list[dict], spec: dict, directory: pathlib.Path,
+                   tag: str = "") -> tuple[str, dict]:
+  """Power-law fit per arm, multipliers against the reference arm, plots (names end with
+  `tag`); (markdown, numbers)."""
   arm_key, x, y = spec["arm"], spec.get("x", "flops"), spec.get("y", "eval_loss")
   arms: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
   for r in rows:
@@ -91,16 +93,16 @@ def compute_report(rows: list[dict], spec: dict, directory: pathlib.Path) -> tup
         f"| {f'{mult_i:.3f}' if mult_i is not None else '-'} "
         f"| {f'{mult_f:.3f}' if mult_f is not None else '-'} "
         f"| {f'{at:.4f}' if at is not None else '-'} |")
-  figures = [plots.loss_vs_compute(dict(arms), fits, directory / "loss_vs_compute.png", y,
+  figures = [plots.loss_vs_compute(dict(arms), fits, directory / f"loss_vs_compute{tag}.png", y,
                                    f"{y} vs compute by {arm_key}")]
   if spec.get("group"):
-    group_md, out["by_group"], figure = _group_report(rows, spec, ref, directory)
+    group_md, out["by_group"], figure = _group_report(rows, spec, ref, directory, tag)
     lines += ["", group_md]
     figures += [figure] if figure else []
   return "\n".join(lines) + "\n\n" + _images(figures, directory), out
 
 
-def _group_report(rows, spec, ref, directory):
+def _group_report(rows, spec, ref, directory, tag):
   """Per group (e.g. budget): each arm's loss relative to the reference arm's; a plot of loss vs
   the arm value when the arm values are numbers."""
   arm_key, group_key, y = spec["arm"], spec["group"], spec.get("y", "eval_loss")
@@ -126,12 +128,13 @@ def _group_report(rows, spec, ref, directory):
   except ValueError:
     series = None
   if series:
-    figure = plots.loss_vs_value(series, directory / "loss_vs_arm.png",
+    figure = plots.loss_vs_value(series, directory / f"loss_vs_arm{tag}.png",
                                  spec.get("arm_name", arm_key), y)
   return "\n".join(lines), out, figure
 
 
-def curves_report(rows: list[dict], spec: dict, directory: pathlib.Path) -> tuple[str, dict]:
+def curves_report(rows: list[dict], spec: dict, directory: pathlib.Path,
+                  tag: str = "") -> tuple[str, dict]:
   """A metric (and the train loss) over steps per arm; final numbers per arm."""
   from k2jax.train.metrics import read_metrics
 
@@ -163,14 +166,19 @@ def _images(paths, directory: pathlib.Path) -> str:
   return "\n".join(f"![{p.stem}]({p.relative_to(directory)})" for p in paths)
 
 
-def analyze(directory: str | pathlib.Path) -> tuple[str, dict]:
-  """Writes DIR/analysis.md, DIR/analysis.json and the PNGs; returns (markdown, numbers)."""
+def analyze(directory: str | pathlib.Path, y: str | None = None) -> tuple[str, dict]:
+  """Writes DIR/analysis.md, DIR/analysis.json and the PNGs; returns (markdown, numbers).
+
+  `y` (e.g. "loss_tail", the train loss over the last 10% of steps: batches not yet trained on)
+  replaces the sweep's loss field; its files are then named analysis_<y>.md, ..._<y>.png.
+  """
   directory = pathlib.Path(directory)
   meta_path = directory / SWEEP_FILE
   if not meta_path.exists():
     raise ValueError(f"{directory} is not a sweep directory (no {SWEEP_FILE})")
   meta = json.loads(meta_path.read_text())
-  spec = meta["analysis"]
+  spec = meta["analysis"] if y is None else {**meta["analysis"], "y": y}
+  tag = "" if y is None else f"_{y}"
   if spec.get("kind") not in ("compute", "curves") or "arm" not in spec:
     raise ValueError(f"{meta_path}: analysis needs kind 'compute' or 'curves' and an arm, "
                      f"got {spec}")
@@ -181,11 +189,11 @@ def analyze(directory: str | pathlib.Path) -> tuple[str, dict]:
   rows.sort(key=lambda r: order.get(r["name"], len(order)))
   y = spec.get("y", "eval_loss")
   body, numbers = (compute_report if spec["kind"] == "compute" else curves_report)(
-      rows, spec, directory)
+      rows, spec, directory, tag)
   md = (f"## {meta['title']}\n\n{len(rows)} of {len(meta['points'])} points finished.\n\n"
         f"{points_table(rows, spec['arm'], y)}\n\n{body}\n")
-  (directory / "analysis.md").write_text(md)
-  (directory / "analysis.json").write_text(json.dumps(numbers, indent=2, default=float))
+  (directory / f"analysis{tag}.md").write_text(md)
+  (directory / f"analysis{tag}.json").write_text(json.dumps(numbers, indent=2, default=float))
   return md, numbers
 
 
