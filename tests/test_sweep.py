@@ -127,3 +127,22 @@ def test_kill_mid_sweep_then_rerun_skips_finished_and_resumes_exactly(tmp_path):
   losses = [[r["loss"] for r in map(json.loads, (d / "points" / second / "metrics.jsonl")
              .read_text().splitlines()) if "loss" in r] for d in (whole, broken)]
   assert losses[0] == losses[1] and len(losses[0]) == 12
+
+
+SWEEPS = sorted((pathlib.Path(__file__).parents[1] / "experiments" / "sweeps").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_shipped_sweeps_plan_valid_points(path):
+  """Every point of a shipped sweep is a valid experiment config and model; the file opens with
+  the command that runs it."""
+  from k2jax.scaling.sweep import load_sweep_file
+  from k2jax.train import model_config
+
+  module = load_sweep_file(path)
+  planned = plan(module.get_config(), module.get_hyper(hyper))
+  assert len(planned) >= 3
+  for _, _, config in planned:
+    model_config(config, 257)
+  assert path.read_text().splitlines()[2].strip().startswith("python experiments/sweep.py")
+  assert module.ANALYSIS["kind"] in ("compute", "curves")
