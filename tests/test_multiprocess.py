@@ -23,16 +23,6 @@ REPO = pathlib.Path(__file__).parents[1]
 STEPS = 4
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  root = tmp_path_factory.mktemp("corpus")
-  rng = np.random.default_rng(0)
-  for i in range(20):
-    lines = [f"def f_{i}_{j}(x):\n    return x * {rng.integers(10)} + {j}\n" for j in range(30)]
-    (root / f"mod_{i}.py").write_text("".join(lines))
-  return str(root)
-
-
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))

@@ -21,17 +21,6 @@ REQUIRED = ("step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "max_log
 TINY_MODEL = dict(hidden_size=64, num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=2)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  """Forty small generated Python files: regular enough that a tiny model learns fast."""
-  root = tmp_path_factory.mktemp("corpus")
-  rng = np.random.default_rng(0)
-  for i in range(40):
-    lines = [f"def f_{i}_{j}(x):\n    return x * {rng.integers(10)} + {j}\n" for j in range(30)]
-    (root / f"mod_{i}.py").write_text("".join(lines))
-  return str(root)
-
-
 def tiny_config(corpus, **train):
   c = default_config()
   for k, v in TINY_MODEL.items():

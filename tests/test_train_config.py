@@ -50,6 +50,7 @@ def _bad(**changes):
     (dict(optimizer__schedule="linear"), "config.optimizer.schedule"),
     (dict(optimizer__lr=0.0), "config.optimizer.lr"),
     (dict(optimizer__qk_clip_tau=-1.0), "config.optimizer.qk_clip_tau"),
+    (dict(optimizer__ns_dtype="float16"), "config.optimizer.ns_dtype"),
     (dict(optimizer__decay_fraction=1.5), "config.optimizer.decay_fraction"),
     (dict(router__bias_update_rate=-0.1), "config.router.bias_update_rate"),
     (dict(checkpoint__keep=0), "config.checkpoint.keep"),
