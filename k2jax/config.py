@@ -53,7 +53,7 @@ class ModelConfig:
   init_std: float = 0.02
   moe_dispatch: str = "sort"  # sort (dropless, CPU default) | capacity | ragged (GPU/TPU).
   capacity_factor: float = 1.25  # capacity path; also the sort path's fast no-drop layout.
-  moe_block_size: int = 64  # rows per expert block in the dropless sort path.
+  moe_block_size: int = 0  # rows per block of the sort path's block layout; 0: auto (dispatch.py).
   scan_layers: bool = True
   remat: str = "none"  # none | full | dots (save matmul outputs).
   aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (DS-V3: 1e-4).
@@ -62,11 +62,11 @@ class ModelConfig:
     for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
                  "num_hidden_layers", "num_attention_heads", "n_routed_experts",
                  "num_experts_per_tok", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                 "v_head_dim", "max_position_embeddings", "n_group", "topk_group",
-                 "moe_block_size"):
+                 "v_head_dim", "max_position_embeddings", "n_group", "topk_group"):
       _check(isinstance(getattr(self, name), (int, np.integer)) and getattr(self, name) > 0,
              name, f"must be a positive integer, got {getattr(self, name)!r}")
-    for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
+    for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers",
+                 "moe_block_size"):
       _check(isinstance(getattr(self, name), (int, np.integer)) and getattr(self, name) >= 0,
              name, f"must be a non-negative integer, got {getattr(self, name)!r}")
     _check(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),

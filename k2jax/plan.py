@@ -30,6 +30,7 @@ import numpy as np
 from k2jax import sharding
 from k2jax.config import ModelConfig
 from k2jax.model import abstract_variables
+from k2jax.model import dispatch as dispatch_lib
 from k2jax.optim.roles import param_roles
 
 GB = 1e9
@@ -163,6 +164,7 @@ def _routed_rows(cfg: ModelConfig, n: int, ep: int) -> int:
   capacity_rows = E * max(1, math.ceil(cf * rows / E))
   if dispatch == "capacity":
     return capacity_rows
+  bs = bs or dispatch_lib.auto_block_size(rows, E)
   return max(capacity_rows, (-(-rows // bs) + E) * bs)
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from k2jax.model.dispatch import DISPATCHES, routed_experts
+from k2jax.model.dispatch import DISPATCHES, auto_block_size, routed_experts
 from k2jax.model.layers import swiglu
 
 T, D, E, K, F = 48, 16, 8, 2, 12
@@ -92,7 +92,7 @@ def test_paths_match_reference_when_nothing_drops(dispatch):
   assert float(run(inp, dispatch=dispatch, capacity_factor=float(E))[1]) == 0.0
 
 
-@pytest.mark.parametrize("block_size", [1, 5, 64])
+@pytest.mark.parametrize("block_size", [0, 1, 5, 64])
 def test_sort_skewed_routing_takes_block_layout_and_stays_exact(block_size):
   inp = make_inputs(seed=2, skew=4.0)
   loads = expert_loads(inp["idx_TK"])
@@ -105,6 +105,17 @@ def test_sort_balanced_routing_takes_capacity_layout_and_stays_exact():
   inp = {**make_inputs(seed=3), "idx_TK": BALANCED_IDX_TK}
   assert expert_loads(BALANCED_IDX_TK).max() <= math.ceil(1.0 * T * K / E)
   check_against_reference(inp, dispatch="sort", capacity_factor=1.0, block_size=7)
+
+
+def test_auto_block_size_is_a_power_of_two_near_half_the_mean_load():
+  assert auto_block_size(8 * 512 * 8, 64) == 256  # mean load 512 (benchmarks/moe_dispatch.py)
+  assert auto_block_size(4 * 512 * 8, 64) == 128
+  assert auto_block_size(1000, 64) == 8  # mean 15.6: clamped up
+  assert auto_block_size(10**7, 8) == 512  # clamped down
+  for a, e in [(300, 4), (4096, 384), (77777, 13)]:
+    b = auto_block_size(a, e)
+    assert b & (b - 1) == 0 and 8 <= b <= 512
+    assert b in (8, 512) or b <= a / (2 * e) < 2 * b
 
 
 def test_capacity_drops_overflow_in_token_order():
@@ -170,7 +181,7 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match="capacity_factor"):
     routed_experts(*args, dispatch="capacity", capacity_factor=0.0)
   with pytest.raises(ValueError, match="moe_block_size"):
-    routed_experts(*args, dispatch="sort", block_size=0)
+    routed_experts(*args, dispatch="sort", block_size=-1)
   with pytest.raises(ValueError, match="idx_TK"):
     routed_experts(args[0], args[1][:, :1], *args[2:], dispatch="sort")
   with pytest.raises(ValueError, match="expert weights"):

@@ -1,5 +1,8 @@
 """Newton-Schulz: parity with a float64 numpy iteration, singular values, batching, FLOPs."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -86,3 +89,19 @@ def test_bad_input():
     newton_schulz(jnp.ones(5))
   with pytest.raises(ValueError, match="coeffs"):
     newton_schulz(jnp.ones((2, 2)), coeffs=(1.0, 2.0))
+
+
+def test_orthogonalize_batched_equals_newton_schulz_per_leaf():
+  """Leaves of one matrix shape (a tall one transposed) run as one batch, on CPU in lax.map
+  batches of CPU_NS_BATCH with a remainder: each leaf's result is its own newton_schulz."""
+  from k2jax.optim.muon import CPU_NS_BATCH, orthogonalize_batched
+  rng = np.random.default_rng(5)
+  leaves = [jnp.asarray(rng.standard_normal(s), jnp.float32)
+            for s in [(5, 14, 16, 24), (3, 24, 16), (8, 8)]]
+  assert 5 * 14 + 3 > 2 * CPU_NS_BATCH
+  ns = functools.partial(newton_schulz, dtype=jnp.float32)
+  got = jax.jit(functools.partial(orthogonalize_batched, dtype=jnp.float32))(leaves)
+  want = [ns(leaves[0]), jnp.swapaxes(ns(jnp.swapaxes(leaves[1], 1, 2)), 1, 2), ns(leaves[2])]
+  for g, w in zip(got, want):
+    assert g.shape == w.shape
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)

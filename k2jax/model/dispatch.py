@@ -9,7 +9,9 @@ assignment. Rows are gathered from x, pushed through their expert's SwiGLU, summ
   (in token order) are dropped. One batched matmul over [E, C, D].
 - "sort": dropless and exact. When every expert's load fits C rows it runs the capacity layout
   (nothing drops); otherwise a block layout: segments padded to whole blocks of `block_size` rows,
-  one expert per block, the blocks' weights gathered, one batched matmul over the blocks.
+  one expert per block, the blocks' weights gathered, one batched matmul over the blocks. Block
+  size 0 (the default) picks `auto_block_size`: small blocks waste fewer padded rows, large ones
+  gather fewer weight copies; half the mean load measured best on CPU (benchmarks/RESULTS.md).
 - "ragged": unpadded segments through `jax.lax.ragged_dot` (GPU/TPU; XLA:CPU computes it densely).
 
 "capacity" and "sort" share one custom VJP. Its backward runs every matmul in the compute dtype
@@ -77,6 +79,12 @@ def _capacity_layout(s: _Sorted, capacity: int) -> _Layout:
   return _place(s, jnp.arange(E) * capacity, E * capacity, keep_S=s.rank_S < capacity)
 
 
+def auto_block_size(num_assignments: int, num_experts: int) -> int:
+  """The largest power of two not above half the mean expert load, within [8, 512]."""
+  half = num_assignments // (2 * num_experts)
+  return min(512, max(8, 1 << max(0, half.bit_length() - 1)))
+
+
 def _block_layout(s: _Sorted, block_size: int, num_blocks: int) -> _Layout:
   """Each expert's segment padded to whole blocks; trailing blocks stay empty."""
   E = s.counts_E.shape[0]
@@ -99,12 +107,26 @@ def _sum_rows(y_GMD: jnp.ndarray, dest_TK: jnp.ndarray) -> jnp.ndarray:
   return sum(_take(y_RD, dest_TK[:, k]) for k in range(dest_TK.shape[1]))
 
 
-def _layout_fwd(x_TD, w_TK, wgu_EDH, wd_EFD, *, lay: _Layout, group_rows: int, res_rows: int,
-                dtype):
-  """The routed SwiGLU through one layout; returns out_TD and the per-row residuals (zero-padded
-  to `res_rows` rows)."""
+class _Spec(NamedTuple):
+  """A layout to build from the sorted assignments: `groups` groups of `rows` rows, one group
+  per expert ("capacity") or per block ("block")."""
+
+  kind: str
+  rows: int
+  groups: int
+
+  def build(self, s: _Sorted) -> _Layout:
+    if self.kind == "capacity":
+      return _capacity_layout(s, self.rows)
+    return _block_layout(s, self.rows, self.groups)
+
+
+def _layout_fwd(x_TD, w_TK, wgu_EDH, wd_EFD, s: _Sorted, *, spec: _Spec, res_rows: int, dtype):
+  """The routed SwiGLU through the layout `spec` builds; returns out_TD and the per-row residuals
+  (zero-padded to `res_rows` rows)."""
   T, K = w_TK.shape
-  src_GM = lay.src_R.reshape(-1, group_rows)
+  lay = spec.build(s)
+  src_GM = lay.src_R.reshape(-1, spec.rows)
   w_GM = _take(w_TK.reshape(-1).astype(jnp.float32), src_GM)
   if lay.expert_G is not None:
     wgu_EDH, wd_EFD = wgu_EDH[lay.expert_G], wd_EFD[lay.expert_G]
@@ -116,12 +138,12 @@ def _layout_fwd(x_TD, w_TK, wgu_EDH, wd_EFD, *, lay: _Layout, group_rows: int, r
                   jnp.pad(gu_GMH.reshape(w_GM.size, -1), ((0, pad), (0, 0))))
 
 
-def _layout_bwd(x_TD, w_TK, wgu_EDH, wd_EFD, rows, dout_TD, *, lay: _Layout, group_rows: int,
-                dtype):
+def _layout_bwd(x_TD, w_TK, wgu_EDH, wd_EFD, s: _Sorted, rows, dout_TD, *, spec: _Spec, dtype):
   """Cotangents (dx_TD, dw_TK, dwgu_EDH, dwd_EFD; float32) of `_layout_fwd`."""
   T, K = w_TK.shape
   E = wgu_EDH.shape[0]
-  src_GM = lay.src_R.reshape(-1, group_rows)
+  lay = spec.build(s)
+  src_GM = lay.src_R.reshape(-1, spec.rows)
   w_R, gu_RH = (r[:src_GM.size] for r in rows)
   if lay.expert_G is not None:
     wgu_EDH, wd_EFD = wgu_EDH[lay.expert_G], wd_EFD[lay.expert_G]
@@ -141,28 +163,28 @@ def _switch(branch, fns, *args):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _routed_swiglu(x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD, layouts, branch, group_rows, dtype):
-  """The routed SwiGLU through layouts[branch] (group_rows[i] rows per group of layouts[i]). The
-  layout choice lives inside the VJP, so all layouts share one set of residuals."""
-  return _routed_swiglu_fwd(x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD, layouts, branch, group_rows,
-                            dtype)[0]
+def _routed_swiglu(x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD, s, branch, specs, dtype):
+  """The routed SwiGLU through the layout specs[branch]. Each branch builds its own layout, so
+  the one not taken costs nothing; the choice lives inside the VJP, so all layouts share one set
+  of residuals."""
+  return _routed_swiglu_fwd(x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD, s, branch, specs, dtype)[0]
 
 
-def _routed_swiglu_fwd(x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD, layouts, branch, group_rows, dtype):
+def _routed_swiglu_fwd(x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD, s, branch, specs, dtype):
   weights = fuse_swiglu_weights(wg_EDF, wu_EDF, wd_EFD, dtype)
-  res_rows = max(lay.src_R.shape[0] for lay in layouts)
-  fns = [functools.partial(_layout_fwd, lay=lay, group_rows=m, res_rows=res_rows, dtype=dtype)
-         for lay, m in zip(layouts, group_rows)]
-  out_TD, rows = _switch(branch, fns, x_TD, w_TK, *weights)
-  return out_TD, (x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD, layouts, branch, rows)
+  res_rows = max(spec.rows * spec.groups for spec in specs)
+  fns = [functools.partial(_layout_fwd, spec=spec, res_rows=res_rows, dtype=dtype)
+         for spec in specs]
+  out_TD, rows = _switch(branch, fns, x_TD, w_TK, *weights, s)
+  return out_TD, (x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD, s, branch, rows)
 
 
-def _routed_swiglu_bwd(group_rows, dtype, res, dout_TD):
-  x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD, layouts, branch, rows = res
-  fns = [functools.partial(_layout_bwd, lay=lay, group_rows=m, dtype=dtype)
-         for lay, m in zip(layouts, group_rows)]
+def _routed_swiglu_bwd(specs, dtype, res, dout_TD):
+  x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD, s, branch, rows = res
+  fns = [functools.partial(_layout_bwd, spec=spec, dtype=dtype) for spec in specs]
   dx_TD, dw_TK, dwgu_EDH, dwd_EFD = _switch(
-      branch, fns, x_TD, w_TK, *fuse_swiglu_weights(wg_EDF, wu_EDF, wd_EFD, dtype), rows, dout_TD)
+      branch, fns, x_TD, w_TK, *fuse_swiglu_weights(wg_EDF, wu_EDF, wd_EFD, dtype), s, rows,
+      dout_TD)
   dwg_EDF, dwu_EDF = jnp.split(dwgu_EDH, 2, axis=-1)
   grads = (dx_TD, dw_TK, dwg_EDF, dwu_EDF, dwd_EFD)
   primals = (x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD)
@@ -186,10 +208,11 @@ def _ragged_ffn(x_TD, w_TK, s: _Sorted, wg_EDF, wu_EDF, wd_EFD, dtype):
 
 
 def routed_experts(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, *, dispatch: str,
-                   capacity_factor: float = 1.25, block_size: int = 64, dtype=jnp.float32):
+                   capacity_factor: float = 1.25, block_size: int = 0, dtype=jnp.float32):
   """Weighted SwiGLU experts per token; returns (y_TD float32, dropped_frac f32 scalar).
 
-  gate/up [E, D, F], down [E, F, D]; matmuls in `dtype`, accumulated in float32.
+  gate/up [E, D, F], down [E, F, D]; matmuls in `dtype`, accumulated in float32. block_size:
+  rows per block of the sort path's block layout (0: `auto_block_size`).
   """
   T, D = x_TD.shape
   E, _, F = wg_EDF.shape
@@ -202,21 +225,21 @@ def routed_experts(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, *, dispatch: str,
                      f"{wd_EFD.shape} must be [E, D={D}, F], [E, D, F], [E, F, D]")
   if capacity_factor <= 0:
     raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
-  if block_size < 1:
-    raise ValueError(f"moe_block_size must be >= 1, got {block_size}")
+  if block_size < 0:
+    raise ValueError(f"moe_block_size must be >= 0 (0: auto), got {block_size}")
   dtype = jnp.dtype(dtype)
   s = _sort(idx_TK, E)
   if dispatch == "ragged":
     return (_ragged_ffn(x_TD, w_TK, s, wg_EDF, wu_EDF, wd_EFD, dtype),
             jnp.zeros((), jnp.float32))
   capacity = max(1, math.ceil(capacity_factor * idx_TK.size / E))
-  cap = _capacity_layout(s, capacity)
+  cap = _Spec("capacity", capacity, E)
   weights = (wg_EDF, wu_EDF, wd_EFD)
   if dispatch == "capacity":
-    y_TD = _routed_swiglu(x_TD, w_TK, *weights, (cap,), None, (capacity,), dtype)
-    return y_TD, jnp.mean(cap.dest_A == E * capacity, dtype=jnp.float32)
-  blocks = _block_layout(s, block_size, -(-idx_TK.size // block_size) + E)
+    y_TD = _routed_swiglu(x_TD, w_TK, *weights, s, None, (cap,), dtype)
+    return y_TD, jnp.mean(s.rank_S >= capacity, dtype=jnp.float32)
+  block_size = block_size or auto_block_size(idx_TK.size, E)
+  blocks = _Spec("block", block_size, -(-idx_TK.size // block_size) + E)
   branch = (jnp.max(s.counts_E) > capacity).astype(jnp.int32)
-  y_TD = _routed_swiglu(x_TD, w_TK, *weights, (cap, blocks), branch, (capacity, block_size),
-                        dtype)
+  y_TD = _routed_swiglu(x_TD, w_TK, *weights, s, branch, (cap, blocks), dtype)
   return y_TD, jnp.zeros((), jnp.float32)

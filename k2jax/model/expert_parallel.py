@@ -62,7 +62,7 @@ def _axes(entry) -> tuple[str, ...]:
 
 
 def expert_parallel_experts(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, *, mesh, dispatch: str,
-                            capacity_factor: float = 1.25, block_size: int = 64,
+                            capacity_factor: float = 1.25, block_size: int = 0,
                             dtype=jnp.float32):
   """Same contract as `dispatch.routed_experts`: (y_TD float32, dropped_frac) over `mesh`."""
   T, D = x_TD.shape

@@ -12,6 +12,8 @@ the parameter dtype. Its weight decay is lr * wd * W, as here and in K2. Its sha
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,13 +25,22 @@ from k2jax import sharding as sharding_lib
 from k2jax.optim.newton_schulz import NS_COEFFS, newton_schulz
 from k2jax.optim.roles import path_str
 
+# XLA:CPU runs a batched dot over many small matrices far below its matmul peak; a loop over
+# batches of 32 matrices gives the same numbers 1.7x faster for k2_small's 1365 [128, 512]
+# expert matrices (benchmarks/RESULTS.md). Accelerators take the whole batch at once.
+CPU_NS_BATCH = 32
+
 
 def orthogonalize_batched(leaves: list[jax.Array], **ns_kwargs) -> list[jax.Array]:
   """newton_schulz of every leaf's matrices, leaves of equal matrix shape run as one batch.
 
   Each leaf [..., M, N] is flattened to [-1, m, n] with m <= n (transposing tall matrices);
-  leaves sharing (m, n) are concatenated, so there is one batched iteration per matrix shape.
+  leaves sharing (m, n) are concatenated, so there is one batched iteration per matrix shape
+  (on CPU, a `lax.map` over batches of `CPU_NS_BATCH` matrices).
   """
+  ns = functools.partial(newton_schulz, **ns_kwargs)
+  if jax.default_backend() == "cpu":
+    ns = functools.partial(jax.lax.map, ns, batch_size=CPU_NS_BATCH)
   groups: dict[tuple[int, int], list[int]] = {}
   flat = []
   for i, u in enumerate(leaves):
@@ -40,7 +51,7 @@ def orthogonalize_batched(leaves: list[jax.Array], **ns_kwargs) -> list[jax.Arra
     groups.setdefault(u_KMN.shape[1:], []).append(i)
   out = [None] * len(leaves)
   for idx in groups.values():
-    o_KMN = newton_schulz(jnp.concatenate([flat[i] for i in idx]), **ns_kwargs)
+    o_KMN = ns(jnp.concatenate([flat[i] for i in idx]))
     splits = np.cumsum([flat[i].shape[0] for i in idx])[:-1]
     for i, o in zip(idx, jnp.split(o_KMN, splits)):
       u = leaves[i]
