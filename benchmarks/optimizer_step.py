@@ -4,6 +4,9 @@ Times (jitted update + apply_updates, same grads, params and role split):
   muonclip           k2jax.muonclip (Newton-Schulz in bfloat16 with float32 accumulation),
                      with max_logits that clip about half the heads;
   muonclip ns=f32    the same with Newton-Schulz in float32;
+  muonclip one batch the same as muonclip with all matrices of one shape in one batched
+                     Newton-Schulz (the accelerator path) instead of CPU's lax.map batches of
+                     `muon.CPU_NS_BATCH`;
   optax.contrib.muon consistent_rms=0.2, the same dimension numbers (last two axes; Muon on
                      the same leaves), beta 0.95, Nesterov, wd 0.1, AdamW betas (0.9, 0.95);
   optax.adamw        on every leaf.
@@ -17,6 +20,7 @@ Run: python benchmarks/optimizer_step.py [--rounds N] [--preset k2_small] [--mar
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import statistics
 
@@ -81,6 +85,12 @@ def run(preset: str = "k2_small", rounds: int = 3, batch: int = 8, seq: int = 51
     "optax.adamw": (optax.adamw(LR, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1), False),
   }
   steps = {name: (_step(tx, clip), tx.init(params)) for name, (tx, clip) in optimizers.items()}
+  state = steps["muonclip"][1]
+  step = _step(optimizers["muonclip"][0], True)  # a jit of its own, traced here
+  muon = importlib.import_module("k2jax.optim.muon")  # the module (k2jax.optim.muon: the function)
+  cpu_batch, muon.CPU_NS_BATCH = muon.CPU_NS_BATCH, 1 << 30  # one lax.map batch
+  steps["muonclip one batch"] = (step.lower(grads, state, params, max_logits).compile(), state)
+  muon.CPU_NS_BATCH = cpu_batch
   times = {name: [] for name in steps}
   for _ in range(rounds):
     for name, (step, state) in steps.items():
@@ -110,7 +120,8 @@ def markdown(r: dict, preset: str, batch: int, seq: int) -> str:
     "| optimizer | update + apply (ms) | vs optax.contrib.muon |",
     "|---|---|---|",
   ]
-  for name in ("muonclip", "muonclip ns=f32", "optax.contrib.muon", "optax.adamw"):
+  for name in ("muonclip", "muonclip ns=f32", "muonclip one batch", "optax.contrib.muon",
+               "optax.adamw"):
     lines.append(f"| {name} | {r[name] * 1e3:.0f} | {r[name] / base:.2f}x |")
   ns_rate = r["ns_flops"] / r["ns_time"]
   lines += [
