@@ -24,7 +24,11 @@ import jax.numpy as jnp
 from k2jax.config import ModelConfig
 
 
-def _einsum(eq: str, a: jnp.ndarray, b: jnp.ndarray, dtype) -> jnp.ndarray:
+def matmul(eq: str, a: jnp.ndarray, b: jnp.ndarray, dtype) -> jnp.ndarray:
+  """einsum in `dtype` with float32 accumulation and output (full precision when float32).
+  Plain autodiff would run its backward matmuls in float32 (the cotangent's dtype): `dense` and
+  `swiglu` give theirs custom VJPs; attention keeps plain autodiff."""
+  dtype = jnp.dtype(dtype)
   precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
   return jnp.einsum(eq, a.astype(dtype), b.astype(dtype), precision=precision,
                     preferred_element_type=jnp.float32)
@@ -44,14 +48,8 @@ def transposed(a_GIJ: jnp.ndarray) -> jnp.ndarray:
 def weight_grad(a_GMI: jnp.ndarray, b_GMJ: jnp.ndarray, dtype) -> jnp.ndarray:
   """a^T @ b per group [G, I, J] (a contraction over rows): transposes the narrower operand."""
   if a_GMI.shape[-1] <= b_GMJ.shape[-1]:
-    return _einsum("gim,gmj->gij", transposed(a_GMI.astype(dtype)), b_GMJ, dtype)
-  return transposed(_einsum("gjm,gmi->gji", transposed(b_GMJ.astype(dtype)), a_GMI, dtype))
-
-
-def matmul(eq: str, a: jnp.ndarray, b: jnp.ndarray, dtype) -> jnp.ndarray:
-  """einsum in `dtype` with float32 accumulation and output (full precision when float32).
-  Plain autodiff: its backward matmuls meet a float32 cotangent and run in float32."""
-  return _einsum(eq, a, b, jnp.dtype(dtype))
+    return matmul("gim,gmj->gij", transposed(a_GMI.astype(dtype)), b_GMJ, dtype)
+  return transposed(matmul("gjm,gmi->gji", transposed(b_GMJ.astype(dtype)), a_GMI, dtype))
 
 
 def dense(x_MI: jnp.ndarray, w_IO: jnp.ndarray, dtype) -> jnp.ndarray:
@@ -63,7 +61,7 @@ def dense(x_MI: jnp.ndarray, w_IO: jnp.ndarray, dtype) -> jnp.ndarray:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _dense(dtypes, x_MI, w_IO):
   """dtypes: (compute, x's, w's)."""
-  return _einsum("...i,io->...o", x_MI, w_IO, dtypes[0])
+  return matmul("...i,io->...o", x_MI, w_IO, dtypes[0])
 
 
 def _dense_fwd(dtypes, x_MI, w_IO):
@@ -73,7 +71,7 @@ def _dense_fwd(dtypes, x_MI, w_IO):
 def _dense_bwd(dtypes, res, dy_MO):
   (dtype, x_dtype, w_dtype), (x_MI, w_IO) = dtypes, res
   dy_MO = dy_MO.astype(dtype)
-  dx_MI = _einsum("...o,io->...i", dy_MO, w_IO, dtype)  # A @ B^T: on XLA:CPU's fast path
+  dx_MI = matmul("...o,io->...i", dy_MO, w_IO, dtype)  # A @ B^T: on XLA:CPU's fast path
   dw_IO = weight_grad(x_MI.reshape(1, -1, x_MI.shape[-1]),
                       dy_MO.reshape(1, -1, dy_MO.shape[-1]), dtype)[0]
   return dx_MI.astype(x_dtype), dw_IO.astype(w_dtype)
@@ -90,10 +88,10 @@ def fuse_swiglu_weights(wg_GDF, wu_GDF, wd_GFD, dtype):
 def swiglu_rows_fwd(x_GMD, wgu_GDH, wd_GFD, w_GM, dtype):
   """y = (w * silu(x @ gate) * (x @ up)) @ down per group (gate|up fused: wgu [G, D, 2F]);
   returns y float32 and the gate|up pre-activations in `dtype` (the backward's residual)."""
-  gu_GMH = _einsum("gmd,gdh->gmh", x_GMD, wgu_GDH, dtype)
+  gu_GMH = matmul("gmd,gdh->gmh", x_GMD, wgu_GDH, dtype)
   g_GMF, u_GMF = jnp.split(gu_GMH, 2, axis=-1)
   h_GMF = jax.nn.silu(g_GMF) * u_GMF * w_GM[..., None]
-  return _einsum("gmf,gfd->gmd", h_GMF, wd_GFD, dtype), gu_GMH.astype(dtype)
+  return matmul("gmf,gfd->gmd", h_GMF, wd_GFD, dtype), gu_GMH.astype(dtype)
 
 
 def swiglu_rows_bwd(x_GMD, wgu_GDH, wd_GFD, w_GM, gu_GMH, dy_GMD, dtype):
@@ -102,13 +100,13 @@ def swiglu_rows_bwd(x_GMD, wgu_GDH, wd_GFD, w_GM, gu_GMH, dy_GMD, dtype):
   g_GMF, u_GMF = jnp.split(gu_GMH.astype(jnp.float32), 2, axis=-1)
   sig_GMF = jax.nn.sigmoid(g_GMF)
   act_GMF = g_GMF * sig_GMF
-  dwh_GMF = _einsum("gmd,gdf->gmf", dy_GMD, transposed(wd_GFD), dtype)
+  dwh_GMF = matmul("gmd,gdf->gmf", dy_GMD, transposed(wd_GFD), dtype)
   dw_GM = jnp.sum(act_GMF * u_GMF * dwh_GMF, axis=-1)
   dh_GMF = dwh_GMF * w_GM[..., None]
   dgu_GMH = jnp.concatenate([dh_GMF * u_GMF * sig_GMF * (1 + g_GMF * (1 - sig_GMF)),
                              dh_GMF * act_GMF], axis=-1).astype(dtype)
   dwd_GFD = weight_grad((act_GMF * u_GMF * w_GM[..., None]).astype(dtype), dy_GMD, dtype)
-  dx_GMD = _einsum("gmh,ghd->gmd", dgu_GMH, transposed(wgu_GDH), dtype)
+  dx_GMD = matmul("gmh,ghd->gmd", dgu_GMH, transposed(wgu_GDH), dtype)
   return dx_GMD, weight_grad(x_GMD, dgu_GMH, dtype), dwd_GFD, dw_GM
 
 
