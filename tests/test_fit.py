@@ -96,3 +96,8 @@ def test_analyze_synthetic_sweep_directory(tmp_path):
       {"title": "t", "points": [], "analysis": {"kind": "nope"}}))
   with pytest.raises(ValueError, match="sweep.json: analysis needs kind"):
     analyze(tmp_path)
+  (tmp_path / "sweep.json").write_text(json.dumps(
+      {"title": "t", "points": [], "analysis": {"kind": "curves", "arm": "tau"}}))
+  with pytest.raises(ValueError, match="y='loss_tail': only a 'compute' analysis") as e:
+    analyze(tmp_path, y="loss_tail")
+  assert "\n" not in str(e.value)

@@ -133,8 +133,7 @@ def _group_report(rows, spec, ref, directory, tag):
   return "\n".join(lines), out, figure
 
 
-def curves_report(rows: list[dict], spec: dict, directory: pathlib.Path,
-                  tag: str = "") -> tuple[str, dict]:
+def curves_report(rows: list[dict], spec: dict, directory: pathlib.Path) -> tuple[str, dict]:
   """A metric (and the train loss) over steps per arm; final numbers per arm."""
   from k2jax.train.metrics import read_metrics
 
@@ -182,14 +181,19 @@ def analyze(directory: str | pathlib.Path, y: str | None = None) -> tuple[str, d
   if spec.get("kind") not in ("compute", "curves") or "arm" not in spec:
     raise ValueError(f"{meta_path}: analysis needs kind 'compute' or 'curves' and an arm, "
                      f"got {spec}")
+  if tag and spec["kind"] == "curves":
+    raise ValueError(f"y={y!r}: only a 'compute' analysis fits another loss field; {meta_path} "
+                     "is 'curves' (its table already lists the train and eval losses)")
   rows = read_results(directory)
   if not rows:
     raise ValueError(f"{directory}: no finished points in results.jsonl")
   order = {p["name"]: i for i, p in enumerate(meta["points"])}
   rows.sort(key=lambda r: order.get(r["name"], len(order)))
   y = spec.get("y", "eval_loss")
-  body, numbers = (compute_report if spec["kind"] == "compute" else curves_report)(
-      rows, spec, directory, tag)
+  if spec["kind"] == "compute":
+    body, numbers = compute_report(rows, spec, directory, tag)
+  else:
+    body, numbers = curves_report(rows, spec, directory)
   md = (f"## {meta['title']}\n\n{len(rows)} of {len(meta['points'])} points finished.\n\n"
         f"{points_table(rows, spec['arm'], y)}\n\n{body}\n")
   (directory / f"analysis{tag}.md").write_text(md)
