@@ -91,16 +91,19 @@ def test_bad_input():
     newton_schulz(jnp.ones((2, 2)), coeffs=(1.0, 2.0))
 
 
-def test_orthogonalize_batched_equals_newton_schulz_per_leaf():
-  """Leaves of one matrix shape (a tall one transposed) run as one batch, on CPU in lax.map
-  batches of CPU_NS_BATCH with a remainder: each leaf's result is its own newton_schulz."""
+@pytest.mark.parametrize("batch_size", [None, 16])
+def test_orthogonalize_batched_equals_newton_schulz_per_leaf(batch_size):
+  """Leaves of one matrix shape (a tall one transposed) run as one batch, in lax.map batches
+  (CPU's default CPU_NS_BATCH, or 16) with a remainder: each leaf's result is its own
+  newton_schulz."""
   from k2jax.optim.muon import CPU_NS_BATCH, orthogonalize_batched
   rng = np.random.default_rng(5)
   leaves = [jnp.asarray(rng.standard_normal(s), jnp.float32)
             for s in [(5, 14, 16, 24), (3, 24, 16), (8, 8)]]
-  assert 5 * 14 + 3 > 2 * CPU_NS_BATCH
+  assert (5 * 14 + 3) % 16 and 5 * 14 + 3 > 2 * CPU_NS_BATCH
   ns = functools.partial(newton_schulz, dtype=jnp.float32)
-  got = jax.jit(functools.partial(orthogonalize_batched, dtype=jnp.float32))(leaves)
+  got = jax.jit(functools.partial(orthogonalize_batched, batch_size=batch_size,
+                                  dtype=jnp.float32))(leaves)
   want = [ns(leaves[0]), jnp.swapaxes(ns(jnp.swapaxes(leaves[1], 1, 2)), 1, 2), ns(leaves[2])]
   for g, w in zip(got, want):
     assert g.shape == w.shape

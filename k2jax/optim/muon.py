@@ -27,20 +27,25 @@ from k2jax.optim.roles import path_str
 
 # XLA:CPU runs a batched dot over many small matrices far below its matmul peak; a loop over
 # batches of 32 matrices gives the same numbers 1.7x faster for k2_small's 1365 [128, 512]
-# expert matrices (benchmarks/RESULTS.md). Accelerators take the whole batch at once.
+# expert matrices, 1.33x for all its Muon leaves (benchmarks/RESULTS.md). Accelerators take the
+# whole batch at once.
 CPU_NS_BATCH = 32
 
 
-def orthogonalize_batched(leaves: list[jax.Array], **ns_kwargs) -> list[jax.Array]:
+def orthogonalize_batched(leaves: list[jax.Array], *, batch_size: int | None = None,
+                          **ns_kwargs) -> list[jax.Array]:
   """newton_schulz of every leaf's matrices, leaves of equal matrix shape run as one batch.
 
   Each leaf [..., M, N] is flattened to [-1, m, n] with m <= n (transposing tall matrices);
-  leaves sharing (m, n) are concatenated, so there is one batched iteration per matrix shape
-  (on CPU, a `lax.map` over batches of `CPU_NS_BATCH` matrices).
+  leaves sharing (m, n) are concatenated, so there is one batched iteration per matrix shape,
+  run by `lax.map` in batches of `batch_size` matrices (None: `CPU_NS_BATCH` on CPU, all at once
+  elsewhere).
   """
+  if batch_size is None and jax.default_backend() == "cpu":
+    batch_size = CPU_NS_BATCH
   ns = functools.partial(newton_schulz, **ns_kwargs)
-  if jax.default_backend() == "cpu":
-    ns = functools.partial(jax.lax.map, ns, batch_size=CPU_NS_BATCH)
+  if batch_size is not None:
+    ns = functools.partial(jax.lax.map, ns, batch_size=batch_size)
   groups: dict[tuple[int, int], list[int]] = {}
   flat = []
   for i, u in enumerate(leaves):
