@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from k2jax import optim, presets, sharding  # noqa: E402
+from k2jax.model import partitioning  # noqa: E402
 from k2jax.train.state import init_state  # noqa: E402
 from k2jax.train.step import make_train_step  # noqa: E402
 
@@ -118,7 +119,7 @@ def _compile(fn, args, in_shardings, out_shardings, mesh) -> str:
 
 def measure(cfg, layout: dict[str, int], opt_name: str, batch: int, seq: int) -> dict:
   mesh = sharding.make_mesh(layout)
-  param_sh = sharding.variable_shardings(cfg, mesh)["params"]
+  param_sh = partitioning.variable_shardings(cfg, mesh)["params"]
   tx = (optim.muonclip(2e-4, model_config=cfg, param_shardings=param_sh) if opt_name == "muonclip"
         else optim.adamw(2e-4))
   state = jax.eval_shape(lambda: init_state(cfg, tx, 0))

@@ -29,7 +29,7 @@ import numpy as np
 
 from k2jax import sharding
 from k2jax.config import ModelConfig
-from k2jax.model import abstract_variables
+from k2jax.model import abstract_variables, partitioning
 from k2jax.model import dispatch as dispatch_lib
 from k2jax.optim.roles import param_roles
 
@@ -74,9 +74,9 @@ def memory_plan(cfg: ModelConfig, mesh_shape: Mapping[str, int], micro_batch: in
   mesh = {a: int(mesh_shape.get(a, 1)) for a in sharding.MESH_AXES}
   if optimizer not in ("muonclip", "muon", "adamw"):
     raise ValueError(f"optimizer must be muonclip, muon or adamw, got {optimizer!r}")
-  sharding.check_config(cfg, mesh, micro_batch)
+  partitioning.check_config(cfg, mesh, micro_batch)
   variables = abstract_variables(cfg)
-  specs = sharding.variable_specs(cfg, mesh)
+  specs = partitioning.variable_specs(cfg, mesh)
   params, pspecs = variables["params"], specs["params"]
   roles = jax.tree.leaves(param_roles(params))
   leaves = jax.tree.leaves(params)

@@ -30,8 +30,6 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from k2jax.config import ModelConfig
-
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
 
@@ -125,53 +123,6 @@ def _dividing_prefix(mesh_axes: list[str], size: int, mesh_shape: Mapping[str, i
   return kept
 
 
-def check_config(cfg: ModelConfig, mesh_shape: Mapping[str, int],
-                 global_batch: int | None = None) -> None:
-  """One-line ValueError naming the field and the mesh axis for any size the mesh cannot split.
-
-  `mesh_shape`: {axis: size}, e.g. `mesh.shape`.
-  """
-  s = {a: mesh_shape.get(a, 1) for a in MESH_AXES}
-  checks = [
-      ("n_routed_experts", cfg.n_routed_experts, ("expert",)),
-      ("num_attention_heads", cfg.num_attention_heads, ("tensor",)),
-      ("intermediate_size", cfg.intermediate_size, ("tensor",)),
-      ("moe_intermediate_size", cfg.moe_intermediate_size, ("tensor",)),
-      ("vocab_size", cfg.vocab_size, ("tensor",)),
-      ("hidden_size", cfg.hidden_size, ("fsdp",)),
-      ("kv_lora_rank", cfg.kv_lora_rank, ("fsdp",)),
-  ]
-  if cfg.q_lora_rank is not None:
-    checks.append(("q_lora_rank", cfg.q_lora_rank, ("fsdp",)))
-  for field, value, axes in checks:
-    ways = math.prod(s[a] for a in axes)
-    if value % ways:
-      raise ValueError(f"ModelConfig.{field} ({value}) is not divisible by mesh axis "
-                       f"{'x'.join(axes)} ({ways})")
-  if global_batch is not None:
-    ways = math.prod(s[a] for a in BATCH_AXES)
-    if global_batch % ways:
-      raise ValueError(f"global batch ({global_batch}) is not divisible by mesh axes "
-                       f"data x fsdp x expert ({ways})")
-
-
-def variable_specs(cfg: ModelConfig, mesh_shape: Mapping[str, int]) -> dict:
-  """PartitionSpecs of k2jax.Transformer(cfg)'s variables, by RULES (ValueError if uneven)."""
-  from k2jax.model import abstract_variables, logical_axes  # the model imports this module.
-
-  check_config(cfg, mesh_shape)
-  shapes = abstract_variables(cfg)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, axes, x: logical_spec(axes, x.shape, mesh_shape, _path(path)),
-      logical_axes(cfg), shapes, is_leaf=lambda x: isinstance(x, tuple))
-
-
-def variable_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:
-  """NamedShardings of the variables {"params", "router"}."""
-  return jax.tree.map(lambda p: NamedSharding(mesh, p), variable_specs(cfg, mesh.shape),
-                      is_leaf=lambda x: isinstance(x, P))
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension over data x fsdp x expert, the rest whole."""
   return NamedSharding(mesh, P(BATCH_AXES))
@@ -186,12 +137,12 @@ def tree_shardings(abstract_tree, params, param_shardings, mesh: Mesh):
   by_path = {}
   for (path, x), sh in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(
       param_shardings, is_leaf=lambda s: isinstance(s, NamedSharding))):
-    by_path[tuple(_key(k) for k in path)] = (tuple(x.shape), sh)
+    by_path[tuple(path)] = (tuple(x.shape), sh)
   longest = max((len(k) for k in by_path), default=0)
   replicated = NamedSharding(mesh, P())
 
   def pick(path, leaf):
-    keys = tuple(_key(k) for k in path)
+    keys = tuple(path)
     for n in range(min(longest, len(keys)), 0, -1):
       shape, sh = by_path.get(keys[-n:], (None, None))
       if sh is not None and shape == tuple(np.shape(leaf)):
@@ -226,11 +177,20 @@ def newton_schulz_sharding(sharding: NamedSharding, shape: Sequence[int]) -> Nam
                        newton_schulz_spec(sharding.spec, shape, sharding.mesh.shape))
 
 
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-  """with_sharding_constraint by RULES when a k2jax mesh is set (`jax.set_mesh`); else x."""
+def context_mesh():
+  """The k2jax mesh set by `jax.set_mesh` (or `use_abstract_mesh`), or None: none is set, it
+  lacks k2jax's axes, or we are inside a shard_map (an axis is Manual)."""
   mesh = jax.sharding.get_abstract_mesh()
   if (mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names)
       or any(t == AxisType.Manual for t in mesh.axis_types)):
+    return None
+  return mesh
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """with_sharding_constraint by RULES when a k2jax mesh is set (`context_mesh`); else x."""
+  mesh = context_mesh()
+  if mesh is None:
     return x
   return jax.lax.with_sharding_constraint(x, logical_spec(axes, x.shape, mesh.shape))
 
@@ -242,14 +202,3 @@ def per_device_bytes(abstract_tree, shardings) -> int:
       shardings, is_leaf=lambda s: isinstance(s, NamedSharding))):
     total += math.prod(sh.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
   return total
-
-
-def _key(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def _path(path) -> str:
-  return "/".join(_key(k) for k in path)

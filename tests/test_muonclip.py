@@ -9,6 +9,7 @@ import pytest
 import k2jax.optim as ko
 from k2jax import presets
 from k2jax.model import Transformer, init_variables
+from k2jax.paths import path_str
 
 B, T = 2, 16
 
@@ -61,7 +62,7 @@ def test_qk_clip_on_real_model():
   dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
   for (path, old), now in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                               jax.tree.leaves(new)):
-    name = ko.roles.path_str(path)
+    name = path_str(path)
     changed = np.asarray(now != old)
     if not name.endswith(("attn/q_b/kernel", "attn/kv_b/kernel")):
       assert not changed.any(), name

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from k2jax import optim, presets, sharding
+from k2jax.model import partitioning
 from k2jax.model.counting import count_params
 from k2jax.plan import GB, memory_plan
 from k2jax.train.state import init_state, state_shardings
@@ -51,7 +52,7 @@ def test_plan_matches_xla_memory_analysis(mesh_shape, remat):
   cfg = presets.get("k2_nano", num_hidden_layers=3, remat=remat)
   B, T = 16, 64
   mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)))
-  param_sh = sharding.variable_shardings(cfg, mesh)["params"]
+  param_sh = partitioning.variable_shardings(cfg, mesh)["params"]
   tx = optim.muonclip(1e-3, model_config=cfg, param_shardings=param_sh)
   state = jax.eval_shape(lambda: init_state(cfg, tx, 0))
   state_sh = state_shardings(cfg, tx, mesh)

@@ -10,7 +10,7 @@ import pytest
 
 import k2jax.optim as ko
 from k2jax import presets
-from k2jax.optim.roles import path_str
+from k2jax.paths import path_str
 
 B, T, THETA = 2, 8, 10000.0
 

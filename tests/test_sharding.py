@@ -8,6 +8,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from k2jax import presets, sharding
+from k2jax.model import partitioning
 from k2jax.model.dispatch import routed_experts
 from k2jax.model.expert_parallel import expert_parallel_experts
 
@@ -48,18 +49,18 @@ def test_mesh_errors_name_the_field(mesh_cfg, match):
 def test_config_mismatch_errors(overrides, mesh_cfg, match):
   cfg = presets.get("k2_nano", **overrides)
   with pytest.raises(ValueError, match=match):
-    sharding.variable_specs(cfg, sharding.make_mesh(mesh_cfg).shape)
+    partitioning.variable_specs(cfg, sharding.make_mesh(mesh_cfg).shape)
 
 
 def test_batch_mismatch_error():
   with pytest.raises(ValueError, match=r"global batch \(12\) is not divisible by mesh axes "
                      r"data x fsdp x expert \(8\)"):
-    sharding.check_config(presets.get("k2_nano"), {"data": 2, "fsdp": 2, "expert": 2}, 12)
+    partitioning.check_config(presets.get("k2_nano"), {"data": 2, "fsdp": 2, "expert": 2}, 12)
 
 
 def test_rules_give_the_documented_parameter_layout():
   cfg = presets.get("k2_nano")
-  specs = sharding.variable_specs(cfg, {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2})
+  specs = partitioning.variable_specs(cfg, {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2})
   p = specs["params"]
   assert p["embed"]["embedding"] == P("tensor", "fsdp")
   assert p["lm_head"]["kernel"] == P("fsdp", "tensor")

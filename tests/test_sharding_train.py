@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from k2jax import optim, presets, sharding
+from k2jax.model import partitioning
 from k2jax.train.checkpoint import Checkpointer
 from k2jax.train.state import init_state, state_shardings
 from k2jax.train.step import make_train_step
@@ -34,7 +35,7 @@ MESHES = [(8, 1, 1, 1), (2, 4, 1, 1), (1, 2, 4, 1), (2, 1, 2, 2)]
 def setup(shape=None):
   """(mesh or None, optimizer, state shardings or None, jitted step) for a mesh shape."""
   mesh = None if shape is None else sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
-  param_sh = None if mesh is None else sharding.variable_shardings(CFG, mesh)["params"]
+  param_sh = None if mesh is None else partitioning.variable_shardings(CFG, mesh)["params"]
   tx = optim.muonclip(1e-2, model_config=CFG, qk_clip_tau=TAU, ns_dtype=jnp.float32,
                       param_shardings=param_sh)
   state_sh = None if mesh is None else state_shardings(CFG, tx, mesh)
@@ -100,7 +101,7 @@ def test_five_muonclip_steps_match_one_device(shape):
   assert_same_params(state.params, ref_state.params)
   assert_same_params(state.router, ref_state.router, rtol=1e-6)
   # Every parameter and every optimizer-state copy of it is laid out as the rules say.
-  specs = sharding.variable_specs(CFG, mesh.shape)["params"]
+  specs = partitioning.variable_specs(CFG, mesh.shape)["params"]
   for x, spec in zip(jax.tree.leaves(state.params),
                      jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))):
     assert x.sharding.is_equivalent_to(NamedSharding(mesh, spec), x.ndim)

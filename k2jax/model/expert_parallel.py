@@ -24,7 +24,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from k2jax import sharding
@@ -34,12 +33,11 @@ from k2jax.model.dispatch import routed_experts
 def active_mesh(num_tokens: int):
   """The context mesh when the routed experts should run expert-parallel, else None.
 
-  That is a k2jax mesh of more than one device set by `jax.set_mesh` (outside any shard_map),
-  whose batch axes divide the tokens (a one-token decode step stays on the single-device path).
+  That is a k2jax mesh of more than one device (`sharding.context_mesh`) whose batch axes divide
+  the tokens (a one-token decode step stays on the single-device path).
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if (mesh.empty or mesh.size == 1 or not set(sharding.MESH_AXES) <= set(mesh.axis_names)
-      or any(t == AxisType.Manual for t in mesh.axis_types)):
+  mesh = sharding.context_mesh()
+  if mesh is None or mesh.size == 1:
     return None
   if num_tokens % math.prod(mesh.shape[a] for a in sharding.BATCH_AXES):
     return None

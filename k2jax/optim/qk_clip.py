@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from k2jax.config import ModelConfig
-from k2jax.optim.roles import path_str
+from k2jax.paths import path_str
 
 EXPONENTS = (0.0, 0.5, 1.0)
 

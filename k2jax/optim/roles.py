@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import jax
 
+from k2jax.paths import path_str
+
 ROLES = ("muon", "adamw", "frozen")
 
 # K2_SPEC §4: embeddings, LM head, norm gains and biases get AdamW; every other matrix Muon.
@@ -25,21 +27,6 @@ DEFAULT_RULES: tuple[tuple[str, str], ...] = (
 )
 
 Rules = Sequence[tuple[str, str]]
-
-
-def path_str(path) -> str:
-  """'/'-joined names of a jax key path, e.g. 'moe_layers/attn/q_b/kernel'."""
-  parts = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      parts.append(str(key.key))
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      parts.append(key.name)
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      parts.append(str(key.idx))
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
 
 
 def compile_rules(roles: Rules | None) -> list[tuple[re.Pattern, str]]:

@@ -17,6 +17,7 @@ from ml_collections import config_dict
 from k2jax import data as data_lib
 from k2jax import presets, sharding
 from k2jax.config import ModelConfig
+from k2jax.model import partitioning
 from k2jax.train.schedules import SCHEDULES
 
 OPTIMIZERS = ("muonclip", "muon", "adamw")
@@ -155,7 +156,7 @@ def model_config(config, vocab_size: int) -> ModelConfig:
   except ValueError as e:
     raise ConfigError(str(e).replace("ModelConfig.", "config.model.", 1)) from e
   try:
-    sharding.check_config(cfg, mesh_shape(config))
+    partitioning.check_config(cfg, mesh_shape(config))
   except ValueError as e:
     raise ConfigError(str(e).replace("ModelConfig.", "config.model.", 1)) from e
   if config.train.seq_len > cfg.max_position_embeddings:

@@ -25,6 +25,7 @@ import numpy as np
 from k2jax import data as data_lib
 from k2jax import distributed, optim, sharding
 from k2jax.flops import flops_per_token
+from k2jax.model import partitioning
 from k2jax.model.counting import count_params
 from k2jax.perf import matmul_peak_flops
 from k2jax.train import config as config_lib
@@ -45,7 +46,7 @@ def build_optimizer(config, model_cfg, schedule, mesh=None):
   """
   o = config.optimizer
   splits = mesh is not None and any(mesh.shape[a] > 1 for a in ("fsdp", "expert", "tensor"))
-  shardings = sharding.variable_shardings(model_cfg, mesh)["params"] if splits else None
+  shardings = partitioning.variable_shardings(model_cfg, mesh)["params"] if splits else None
   if o.name == "muonclip":
     return optim.muonclip(schedule, weight_decay=o.weight_decay, qk_clip_tau=o.qk_clip_tau,
                           model_config=model_cfg, ns_dtype=jnp.dtype(o.ns_dtype),

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from k2jax import sharding
 from k2jax.config import ModelConfig
-from k2jax.model import init_variables
+from k2jax.model import init_variables, partitioning
 
 
 @flax.struct.dataclass
@@ -49,7 +49,7 @@ def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation,
   """NamedShardings of the train state on `mesh`: parameters and router bias by the logical-axis
   rules, every optimizer-state copy of a parameter like that parameter, the rest replicated."""
   abstract = jax.eval_shape(functools.partial(_init, model_cfg, tx, 0))
-  variables = sharding.variable_shardings(model_cfg, mesh)
+  variables = partitioning.variable_shardings(model_cfg, mesh)
   replicated = NamedSharding(mesh, P())
   return TrainState(
       step=replicated, params=variables["params"],
