@@ -29,9 +29,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from k2jax.config import DISPATCHES
 from k2jax.model.layers import fuse_swiglu_weights, swiglu_rows_bwd, swiglu_rows_fwd
-
-DISPATCHES = ("sort", "capacity", "ragged")
 
 
 class _Sorted(NamedTuple):

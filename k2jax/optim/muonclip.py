@@ -149,7 +149,8 @@ def adamw(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float = 0.1, b
 
 
 def optimizer_metrics(state) -> dict[str, jax.Array]:
-  """The last update's metrics from a muonclip/muon/adamw state (also nested in optax wrappers).
+  """The last update's metrics from a muonclip/muon/adamw state (also nested in optax wrappers);
+  empty for a state that holds none (another optax transform).
 
   update_rms/muon, update_rms/adamw: RMS of the update (lr and weight decay included, QK-Clip
   not) over all leaves of that role; with QK-Clip, qk_clip/clipped_heads [L] int32 (heads above
@@ -157,6 +158,4 @@ def optimizer_metrics(state) -> dict[str, jax.Array]:
   """
   is_ours = lambda x: isinstance(x, OptimizerState)
   found = [s for s in jax.tree.leaves(state, is_leaf=is_ours) if is_ours(s)]
-  if not found:
-    raise ValueError("optimizer_metrics: no k2jax optimizer state (OptimizerState) in the tree")
-  return dict(found[0].metrics)
+  return dict(found[0].metrics) if found else {}
