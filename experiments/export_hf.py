@@ -3,15 +3,15 @@
   python experiments/export_hf.py --workdir=workdirs/k2_nano --out=exports/k2_nano
 
 The directory loads with `transformers.AutoModelForCausalLM.from_pretrained` and `k2jax.hf.load`.
-It also holds the run's tokenizer: `k2jax_data.json` (the run's data config, which
-experiments/generate.py rebuilds it from) and, for a BPE run, its `tokenizer.json`.
+It also holds the run's tokenizer: a K2-format one's files (tiktoken.model, tokenizer_config.json,
+chat_template.jinja: `k2jax.hf.load_tokenizer`), and `k2jax_data.json`, the run's data config
+(experiments/generate.py rebuilds a byte tokenizer from it).
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
-import shutil
 import sys
 
 import jax
@@ -21,7 +21,6 @@ from absl import app, flags
 
 import k2jax.hf
 from k2jax import data as data_lib
-from k2jax.data.tokenizers import TOKENIZER_FILE
 from k2jax.train import build_optimizer, init_state, make_schedule, model_config
 from k2jax.train.checkpoint import Checkpointer
 
@@ -62,12 +61,12 @@ def export(workdir: str, out: str, dtype: str | None = None, max_shard_size: str
     variables = {**variables, "params": jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)),
                                                      variables["params"])}
   out = pathlib.Path(out)
+  kimi = isinstance(tokenizer, data_lib.KimiTokenizer)
   k2jax.hf.save(out, cfg, jax.device_get(variables), max_shard_size=max_shard_size,
-                hub_names=hub_names, hf_config={"bos_token_id": None,
-                                                "eos_token_id": tokenizer.eos_id})
+                hub_names=hub_names, tokenizer=tokenizer if kimi else None,
+                hf_config=None if kimi else {"bos_token_id": None,
+                                             "eos_token_id": tokenizer.eos_id})
   (out / DATA_FILE).write_text(config.data.to_json_best_effort(indent=2))
-  if tokenizer.name == "bpe":
-    shutil.copy(pathlib.Path(workdir) / TOKENIZER_FILE, out / TOKENIZER_FILE)
   return out
 
 

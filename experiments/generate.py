@@ -3,9 +3,11 @@
   python experiments/generate.py --workdir=workdirs/k2_nano --prompt="def "
   python experiments/generate.py --hf_dir=exports/k2_nano --prompt="def " --temperature=0.8
 
-The tokenizer is the run's (a workdir, or a directory written by experiments/export_hf.py), else
-the directory's `tokenizer.json`; `--prompt_ids=1,2,3` bypasses it. Generation stops at the
-tokenizer's end-of-text (a workdir) or the config's eos_token_id (an HF directory).
+The tokenizer is the run's (a workdir), or an HF directory's K2-format tokenizer files
+(tiktoken.model, tokenizer_config.json), else the byte tokenizer of a byte-level run exported by
+experiments/export_hf.py; `--prompt_ids=1,2,3` bypasses it. Generation stops at the tokenizer's
+end-of-text (a workdir) or the config's eos_token_id (an HF directory). For K2's chat format and
+tool calls, use experiments/chat.py.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import pathlib
 import sys
 
 import ml_collections
-import tokenizers
 from absl import app, flags
 from export_hf import DATA_FILE, load_workdir
 
@@ -36,15 +37,11 @@ _STOP = flags.DEFINE_bool("stop", True, "Stop at the end-of-text token.")
 
 def _hf_dir_tokenizer(path: pathlib.Path):
   """(encode, decode, vocabulary size) of the directory's tokenizer, or None without one."""
-  if (path / DATA_FILE).exists():
+  tok = k2jax.hf.load_tokenizer(path)
+  if tok is None and (path / DATA_FILE).exists():
     data_cfg = ml_collections.ConfigDict(json.loads((path / DATA_FILE).read_text()))
-    tok = data_lib.build_tokenizer(data_cfg, str(path))
-    return tok.encode, tok.decode, tok.vocab_size
-  if (path / "tokenizer.json").exists():
-    tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-    return (lambda s: tok.encode(s, add_special_tokens=False).ids,
-            lambda ids: tok.decode(ids, skip_special_tokens=False), tok.get_vocab_size())
-  return None
+    tok = data_lib.ByteTokenizer() if data_cfg.tokenizer == "byte" else None
+  return None if tok is None else (tok.encode, tok.decode, tok.vocab_size)
 
 
 def run() -> str:
@@ -58,8 +55,8 @@ def run() -> str:
     cfg, variables = k2jax.hf.load(path)
     found = _hf_dir_tokenizer(path)
     if found is None and _PROMPT_IDS.value is None:
-      raise ValueError(f"{path}: no tokenizer ({DATA_FILE} or tokenizer.json); "
-                       "pass --prompt_ids")
+      raise ValueError(f"{path}: no tokenizer (tiktoken.model, or {DATA_FILE} of a byte-level "
+                       "run); pass --prompt_ids")
     encode, decode, vocab = found or (None, None, cfg.vocab_size)
     eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
     stop = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
