@@ -42,6 +42,7 @@ EOS_TEXT = "<|endoftext|>"  # how ByteTokenizer decodes its separator.
 MODEL_FILE = "tiktoken.model"
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
+BYTE_FILE = "byte_tokenizer.json"  # marks a checkpoint directory of a byte-level model.
 BPE_DIR = "tokenizer"  # a trained BPE's directory inside the workdir.
 NUM_SPECIAL = 256  # special ids after the BPE ranks.
 # K2's named special tokens, as offsets from the number of ranks.
@@ -91,6 +92,7 @@ class ByteTokenizer:
 
   name = "byte"
   vocab_size = 257
+  bos_id = None
   eos_id = 256
 
   def __init__(self):
@@ -109,6 +111,11 @@ class ByteTokenizer:
     pieces = np.split(ids, cuts)
     pieces = [pieces[0]] + [p[1:] for p in pieces[1:]]
     return EOS_TEXT.join(p.astype(np.uint8).tobytes().decode("utf-8", "replace") for p in pieces)
+
+  def save(self, path: str | os.PathLike):
+    """Marks a checkpoint directory as byte-level (`from_dir` reads it back)."""
+    pathlib.Path(path).mkdir(parents=True, exist_ok=True)
+    _write(pathlib.Path(path) / BYTE_FILE, json.dumps({"tokenizer": self.name}))
 
 
 class KimiTokenizer:
@@ -260,6 +267,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int,
 def k2_chat_template() -> str:
   """The jinja chat template of K2's format shipped with k2jax (K2-Instruct-0905's layout)."""
   return (pathlib.Path(__file__).parent / "kimi_chat_template.jinja").read_text()
+
+
+def from_dir(path: str | os.PathLike) -> Tokenizer | None:
+  """The tokenizer a checkpoint directory holds (K2-format files, or the byte-level marker a
+  saved byte-level model carries); None when it holds none."""
+  path = pathlib.Path(path)
+  if (path / MODEL_FILE).exists():
+    return KimiTokenizer.from_dir(path)
+  return ByteTokenizer() if (path / BYTE_FILE).exists() else None
 
 
 def build_tokenizer(data_cfg: Any, workdir: str | None) -> Tokenizer:

@@ -28,7 +28,7 @@ from absl import logging
 from safetensors.numpy import save_file
 
 from k2jax.config import DTYPES, ModelConfig
-from k2jax.data.tokenizers import MODEL_FILE, KimiTokenizer
+from k2jax.data import tokenizers
 from k2jax.hf.config import config_from_hf, config_to_hf
 from k2jax.hf.state_dict import from_torch_state_dict, to_torch_state_dict
 
@@ -92,14 +92,14 @@ def load(path: str | pathlib.Path, dtype=None) -> tuple[ModelConfig, dict]:
 
 def save(path: str | pathlib.Path, cfg: ModelConfig, variables: dict,
          max_shard_size: int | str = "5GB", hub_names: bool = False,
-         hf_config: dict | None = None, tokenizer: KimiTokenizer | None = None) -> None:
+         hf_config: dict | None = None, tokenizer: tokenizers.Tokenizer | None = None) -> None:
   """Writes config.json and safetensors (with an index when over `max_shard_size`) to `path`.
 
   Tensors keep the parameters' dtype (the router bias stays float32); names are transformers'
   (fused experts) or, with `hub_names`, the hub's per-expert ones. A `tokenizer` writes its files
-  (tiktoken.model, tokenizer_config.json, chat_template.jinja) and its [BOS] / [EOS] ids into
-  config.json; `hf_config` adds fields to config.json last. Earlier model files in `path` are
-  replaced.
+  (a K2-format one: tiktoken.model, tokenizer_config.json, chat_template.jinja) and its BOS / EOS
+  ids into config.json; `hf_config` adds fields to config.json last. Earlier model files in `path`
+  are replaced.
   """
   limit = _parse_size(max_shard_size)
   token_ids = {}
@@ -134,11 +134,10 @@ def save(path: str | pathlib.Path, cfg: ModelConfig, variables: dict,
       {**config_to_hf(cfg), "dtype": cfg.param_dtype, **token_ids, **(hf_config or {})}, indent=2))
 
 
-def load_tokenizer(path: str | pathlib.Path) -> KimiTokenizer | None:
-  """The K2-format tokenizer of a checkpoint directory (a Kimi K2 release, or one `save` wrote
-  with a tokenizer); None when it holds no tiktoken.model."""
-  path = pathlib.Path(path)
-  return KimiTokenizer.from_dir(path) if (path / MODEL_FILE).exists() else None
+def load_tokenizer(path: str | pathlib.Path) -> tokenizers.Tokenizer | None:
+  """The tokenizer of a checkpoint directory (a Kimi K2 release, or one `save` wrote with a
+  tokenizer); None when it holds none."""
+  return tokenizers.from_dir(path)
 
 
 class _LazyTensor:
