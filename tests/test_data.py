@@ -184,6 +184,26 @@ def test_validation_packs_documents_in_order_with_separators(corpus):
   np.testing.assert_array_equal(np.concatenate(_take(forever, len(got) // 2)), got)
 
 
+def test_segment_attention_marks_each_document_piece(corpus):
+  """With data.segment_attention every row carries segment ids and positions: a segment is one
+  document piece (its separator included), positions restart at 0 in each, and the same tokens
+  come out as without the switch."""
+  root, _ = corpus
+  tok = data.ByteTokenizer()
+  plain = next(data.make_iterator(_cfg(root), tok, "validation", 4, SEQ, 0))
+  batch = next(data.make_iterator(_cfg(root, segment_attention=True), tok, "validation", 4, SEQ,
+                                  0))
+  assert set(batch) == {"tokens", "segment_ids", "positions"}
+  np.testing.assert_array_equal(batch["tokens"], plain["tokens"])
+  for toks, seg, pos in zip(batch["tokens"], batch["segment_ids"], batch["positions"]):
+    assert seg[0] == 1 and np.all(np.diff(seg) >= 0) and np.all(seg > 0)
+    starts = np.flatnonzero(np.diff(seg)) + 1
+    np.testing.assert_array_equal(pos[starts], 0)
+    # a new piece starts right after a separator (or continues a split document at row start)
+    assert np.all(toks[starts - 1] == tok.eos_id)
+    np.testing.assert_array_equal(np.diff(pos)[np.diff(seg) == 0], 1)
+
+
 def test_train_epoch_holds_every_document_once_then_reshuffles(corpus):
   root, texts = corpus
   cfg = _cfg(root, shuffle_window=0)

@@ -26,6 +26,10 @@ Data config fields (`default_data_config()`):
     are shuffled too, every epoch); 0 or 1 turns the row shuffle off.
   read_threads: threads reading and tokenising documents ahead of the packer (0: inline).
   prefetch_batches: batches assembled ahead in a background thread (0: none).
+  segment_attention: batches carry `segment_ids` and `positions`, so packed documents never
+    attend to each other and each starts at position 0. Off for pretraining (the common choice:
+    documents are separated by an end-of-text token and a row is one context, which is also what
+    the reported runs used); on for chat and SFT data, whose conversations are independent.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ _DEFAULTS = dict(
   shuffle_window=1024,
   read_threads=2,
   prefetch_batches=2,
+  segment_attention=False,
 )
 
 
@@ -76,6 +81,8 @@ def field(data_cfg: Any, name: str) -> Any:
     ok, want = is_int(value) and value >= 513, "an integer >= 513 (256 bytes + 256 specials + 1)"
   elif name == "bpe_train_bytes":
     ok, want = is_int(value) and value > 0, "a positive integer"
+  elif name == "segment_attention":
+    ok, want = isinstance(value, bool), "True or False"
   else:
     ok, want = is_int(value) and value >= 0, "a non-negative integer"
   if not ok:

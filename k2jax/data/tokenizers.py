@@ -13,7 +13,7 @@ document), `token_bytes` (UTF-8 bytes of each id, 0 for special tokens), `encode
 K2's tokenizer (K2 report, arXiv 2507.20534) is a tiktoken BPE. A directory holds `tiktoken.model`,
 one "base64(token bytes) rank" line for each rank 0..n-1, and `tokenizer_config.json`, whose
 `added_tokens_decoder` names special ids. The 256 ids after the ranks are special: [BOS] = n,
-[EOS] = n + 1, <|im_end|> = n + 2, ... (K2_SPECIALS), an unnamed one is `<|reserved_token_{id}|>`.
+[EOS] = n + 1, <|im_end|> = n + 2, ... (KIMI_SPECIALS), an unnamed one is `<|reserved_token_{id}|>`.
 Text is cut by K2's pre-tokenizer pattern (PATTERN) before BPE, and long inputs are split first as
 K2's own tokenizer splits them (`split_long_text`), which keeps tiktoken from stalling. A K2-format
 BPE trained here has the same files and special layout, so a tiny model and the real K2 share
@@ -46,7 +46,7 @@ BYTE_FILE = "byte_tokenizer.json"  # marks a checkpoint directory of a byte-leve
 BPE_DIR = "tokenizer"  # a trained BPE's directory inside the workdir.
 NUM_SPECIAL = 256  # special ids after the BPE ranks.
 # K2's named special tokens, as offsets from the number of ranks.
-K2_SPECIALS = {
+KIMI_SPECIALS = {
   0: "[BOS]", 1: "[EOS]", 2: "<|im_end|>", 3: "<|im_user|>", 4: "<|im_assistant|>",
   6: "<|start_header_id|>", 7: "<|end_header_id|>", 9: "[EOT]", 10: "<|im_system|>",
   11: "<|tool_calls_section_begin|>", 12: "<|tool_calls_section_end|>", 13: "<|tool_call_begin|>",
@@ -260,7 +260,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int,
   merged = sorted((i, t) for t, i in vocab.items() if len(t) > 1)
   ranks = {bytes([b]): b for b in range(256)}
   ranks.update({bytes(byte_of[c] for c in t): 256 + k for k, (_, t) in enumerate(merged)})
-  named = {n_ranks + offset: t for offset, t in K2_SPECIALS.items()}
+  named = {n_ranks + offset: t for offset, t in KIMI_SPECIALS.items()}
   return KimiTokenizer(ranks, named, chat_template)
 
 
