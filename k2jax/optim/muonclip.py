@@ -44,7 +44,7 @@ def _rms_metrics(updates, labels) -> dict[str, jax.Array]:
 
 
 def _rebox(boxed, tree):
-  """`tree` (plain arrays) in the boxes of `boxed` (flax AxisMetadata, e.g. LogicallyPartitioned)."""
+  """`tree` (plain arrays) in the boxes of `boxed` (flax AxisMetadata: LogicallyPartitioned)."""
   is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
   return jax.tree.map(lambda b, x: b.replace_boxed(x) if is_box(b) else x, boxed, tree,
                       is_leaf=is_box)
