@@ -41,6 +41,7 @@ GENERATION_PROMPT = f"<|im_assistant|>assistant{MIDDLE}"
 SECTION_BEGIN, SECTION_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
 CALL_BEGIN, ARGUMENTS_BEGIN, CALL_END = (
   "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>")
+ROLES = ("system", "user", "assistant", "tool")
 _MARKERS = {"user": "<|im_user|>", "assistant": "<|im_assistant|>"}  # every other role: system's.
 _SYSTEM_MARKER = "<|im_system|>"
 _CALL_ID = re.compile(r"functions\.(?P<name>[^:\s]+):(?P<index>\d+)")
@@ -74,6 +75,14 @@ def render(messages: Sequence[dict], tools: Sequence[dict] | None = None,
     return _compile(template).render(messages=list(messages), tools=tools,
                                      add_generation_prompt=add_generation_prompt)
   return "".join(text for text, _ in _segments(messages, tools, add_generation_prompt, False))
+
+
+def render_continuation(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+  """The text that `messages` add to a rendered conversation whose last message is closed (an
+  agent appending tool results to a reply it generated): every message closed by <|im_end|>,
+  no tool declaration and no default system turn in front."""
+  return "".join(text for text, _ in _segments(messages, None, add_generation_prompt, True,
+                                               continuation=True))
 
 
 def encode_chat(tokenizer: Any, messages: Sequence[dict], tools: Sequence[dict] | None = None,
@@ -123,6 +132,43 @@ def parse_tool_calls(text: str, tools: Sequence[dict] | None = None) -> ParsedRe
   return ParsedReply(content, calls, message)
 
 
+def conversation_problem(record: Any) -> str | None:
+  """Why `record` is not a conversation {"messages": [...], "tools": [...] (optional), ...} that
+  this module renders (one line), or None. Tool results must answer an earlier call's id."""
+  if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+    return "no list field 'messages'"
+  tools = record.get("tools", [])
+  if not isinstance(tools, list) or not all(_is_declaration(t) for t in tools):
+    return "'tools' is not a list of {'type': 'function', 'function': {'name', ...}}"
+  if not record["messages"]:
+    return "'messages' is empty"
+  call_ids = set()
+  for i, m in enumerate(record["messages"]):
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+      return f"message {i} has no role among {', '.join(ROLES)}"
+    calls = m.get("tool_calls") or []
+    if not isinstance(m.get("content"), str) and not (m["role"] == "assistant" and calls):
+      return f"message {i} ({m['role']}) has no string content"
+    if calls and (m["role"] != "assistant" or not all(_is_call(c) for c in calls)):
+      return f"message {i}: tool_calls must be an assistant's list of {{'id', 'function'}}"
+    call_ids.update(c["id"] for c in calls)
+    if m["role"] == "tool" and m.get("tool_call_id") not in call_ids:
+      return f"message {i}: tool_call_id {m.get('tool_call_id')!r} names no earlier call"
+  return None
+
+
+def _is_declaration(tool) -> bool:
+  return isinstance(tool, dict) and isinstance(tool.get("function"), dict) and isinstance(
+    tool["function"].get("name"), str)
+
+
+def _is_call(call) -> bool:
+  function = call.get("function") if isinstance(call, dict) else None
+  return (isinstance(call.get("id"), str) and isinstance(function, dict)
+          and isinstance(function.get("name"), str)
+          and isinstance(function.get("arguments"), (dict, str)))
+
+
 def _parse_call(chunk: str, names: set[str] | None) -> tuple[dict, str]:
   """({"id", "name", "arguments", "error"}, the arguments text) of one call's text."""
   head, has_arguments, rest = chunk.partition(ARGUMENTS_BEGIN)
@@ -151,7 +197,7 @@ def _parse_call(chunk: str, names: set[str] | None) -> tuple[dict, str]:
 
 
 def _segments(messages: Sequence[dict], tools: Sequence[dict] | None, add_generation_prompt: bool,
-              close_last: bool) -> Iterator[tuple[str, bool]]:
+              close_last: bool, continuation: bool = False) -> Iterator[tuple[str, bool]]:
   """(text, written by the assistant) pieces of the rendering; every boundary between pieces
   touches a special token, so tokenizing them one by one equals tokenizing their concatenation."""
   if tools:
@@ -160,7 +206,7 @@ def _segments(messages: Sequence[dict], tools: Sequence[dict] | None, add_genera
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
       raise ValueError(f"messages[{i}]: not a message dict with a string 'role'")
     role = m["role"]
-    if i == 0 and role != "system":
+    if i == 0 and role != "system" and not continuation:
       yield f"{_SYSTEM_MARKER}system{MIDDLE}{DEFAULT_SYSTEM}{END}", False
     yield f"{_MARKERS.get(role, _SYSTEM_MARKER)}{m.get('name') or role}{MIDDLE}", False
     yield _body(m, i), role == "assistant"

@@ -168,3 +168,13 @@ def test_train_closing_sample_is_the_decoder(monkeypatch, corpus, tmp_path):
   summary = train(config, str(tmp_path))
   assert len(calls) == 1 and calls[0]["valid_vocab"] == 257
   assert isinstance(summary["sample"], str) and summary["sample"].startswith(config.sample.prompt)
+
+
+def test_bfloat16_rows_batched_equal_rows_alone():
+  """A bfloat16 model decodes a batch (XLA:CPU lacks a bf16 kernel for one attention contraction
+  order at batch > 1: regression) as it decodes each row alone, greedily."""
+  cfg = CASES["qlora_yarn"].replace(dtype="bfloat16")
+  variables = _model("qlora_yarn")[1]
+  prompts = [[3, 9, 27, 4], [5, 1, 50]]
+  batched = generate(cfg, variables, prompts, 6).tokens
+  assert batched == [generate(cfg, variables, [p], 6).tokens[0] for p in prompts]

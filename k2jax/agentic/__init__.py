@@ -9,8 +9,11 @@ successful ones, and the JSONL they are written to. See docs/AGENTIC.md.
     judge(tasks[0], messages)                # (True, "goal reached")
     world = tasks[0].new_world(); world.call("get_menu", {"restaurant": "Sakura"})
     write_jsonl("train.jsonl", tasks)        # {"written": ..., "dropped": ...}
+    episodes = run_episodes(functools.partial(decode.generate, cfg, variables), tokenizer,
+                            make_tasks("heldout", 100))   # a model as the agent, scored
 """
 
+from k2jax.agentic.agent import OUTCOMES, Episode, Sampling, run_episode, run_episodes
 from k2jax.agentic.domains import DOMAINS, HELDOUT_DOMAIN
 from k2jax.agentic.expert import expert_messages, next_action
 from k2jax.agentic.jsonl import read_jsonl, write_jsonl
@@ -22,7 +25,10 @@ from k2jax.agentic.world import ToolError, World
 __all__ = [
   "DOMAINS",
   "HELDOUT_DOMAIN",
+  "OUTCOMES",
   "SPLITS",
+  "Episode",
+  "Sampling",
   "Task",
   "ToolError",
   "World",
@@ -32,6 +38,8 @@ __all__ = [
   "make_tasks",
   "next_action",
   "read_jsonl",
+  "run_episode",
+  "run_episodes",
   "tool_combinations",
   "validate_arguments",
   "write_jsonl",

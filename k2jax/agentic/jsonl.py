@@ -2,8 +2,10 @@
 
 The format users already have for chat data with tools (OpenAI-style messages, see messages.py;
 `tools` the declarations, may be absent). The synthesiser writes it with the fields
-`task_id, domain, kind, split` added; `read_jsonl` reads any file of that shape, so external
-conversations go through the same path. A tool call's arguments may be a dict or a JSON string.
+`task_id, domain, kind, split` added; `read_jsonl` reads any file of that shape (checked by
+`k2jax.chat.conversation_problem`), so external conversations go through the same path (the
+training pipeline for `data.format = "chat"` reads them with the same check). A tool call's
+arguments may be a dict or a JSON string.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ from absl import logging
 
 from k2jax.agentic.expert import expert_messages
 from k2jax.agentic.rubric import judge
-
-ROLES = ("system", "user", "assistant", "tool")
+from k2jax.chat import conversation_problem
 
 
 def write_jsonl(path: str, tasks: Iterable) -> dict[str, int]:
@@ -54,39 +55,3 @@ def read_jsonl(path: str) -> Iterator[dict]:
       if problem is not None:
         raise ValueError(f"{where}: {problem}")
       yield record
-
-
-def conversation_problem(record) -> str | None:
-  """Why `record` is not a conversation with tools (one line), or None."""
-  if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-    return "no list field 'messages'"
-  tools = record.get("tools", [])
-  if not isinstance(tools, list) or not all(_is_declaration(t) for t in tools):
-    return "'tools' is not a list of {'type': 'function', 'function': {'name', ...}}"
-  if not record["messages"]:
-    return "'messages' is empty"
-  call_ids = set()
-  for i, m in enumerate(record["messages"]):
-    if not isinstance(m, dict) or m.get("role") not in ROLES:
-      return f"message {i} has no role among {', '.join(ROLES)}"
-    calls = m.get("tool_calls") or []
-    if not isinstance(m.get("content"), str) and not (m["role"] == "assistant" and calls):
-      return f"message {i} ({m['role']}) has no string content"
-    if calls and (m["role"] != "assistant" or not all(_is_call(c) for c in calls)):
-      return f"message {i}: tool_calls must be an assistant's list of {{'id', 'function'}}"
-    call_ids.update(c["id"] for c in calls)
-    if m["role"] == "tool" and m.get("tool_call_id") not in call_ids:
-      return f"message {i}: tool_call_id {m.get('tool_call_id')!r} names no earlier call"
-  return None
-
-
-def _is_declaration(tool) -> bool:
-  return isinstance(tool, dict) and isinstance(tool.get("function"), dict) and isinstance(
-    tool["function"].get("name"), str)
-
-
-def _is_call(call) -> bool:
-  function = call.get("function") if isinstance(call, dict) else None
-  return (isinstance(call.get("id"), str) and isinstance(function, dict)
-          and isinstance(function.get("name"), str)
-          and isinstance(function.get("arguments"), (dict, str)))

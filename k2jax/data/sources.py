@@ -30,6 +30,8 @@ Data config fields (`default_data_config()`):
     attend to each other and each starts at position 0. Off for pretraining (the common choice:
     documents are separated by an end-of-text token and a row is one context, which is also what
     the reported runs used); on for chat and SFT data, whose conversations are independent.
+  format: "text" (documents of text, this package's pipeline) or "chat" (JSONL files of
+    conversations with tools, one per line: k2jax.train.chat_data renders, masks and packs them).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import numpy as np
 
 STDLIB = "python_stdlib"
 SPLITS = ("train", "validation")
+FORMATS = ("text", "chat")
 
 _DEFAULTS = dict(
   source=STDLIB,
@@ -60,6 +63,7 @@ _DEFAULTS = dict(
   read_threads=2,
   prefetch_batches=2,
   segment_attention=False,
+  format="text",
 )
 
 
@@ -83,6 +87,8 @@ def field(data_cfg: Any, name: str) -> Any:
     ok, want = is_int(value) and value > 0, "a positive integer"
   elif name == "segment_attention":
     ok, want = isinstance(value, bool), "True or False"
+  elif name == "format":
+    ok, want = value in FORMATS, f"one of {FORMATS}"
   else:
     ok, want = is_int(value) and value >= 0, "a non-negative integer"
   if not ok:
@@ -105,30 +111,46 @@ class Document(NamedTuple):
 
 
 def list_documents(data_cfg: Any, split: str) -> tuple[Document, ...]:
-  """The documents of `split` ("train" | "validation"), sorted by key."""
+  """The documents of `split` ("train" | "validation"), sorted by key. With data.format "chat"
+  a document is one JSONL record (a conversation), and every file must be JSONL."""
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  text_key = field(data_cfg, "text_key") if field(data_cfg, "format") == "text" else None
   splits = _split_documents(
-    field(data_cfg, "source"), field(data_cfg, "text_key"), float(field(data_cfg, "val_fraction"))
+    field(data_cfg, "source"), text_key, float(field(data_cfg, "val_fraction"))
   )
   return splits[SPLITS.index(split)]
 
 
 def read_document(doc: Document, text_key: str) -> str:
   """The text of `doc`; invalid UTF-8 is replaced, a bad JSONL record raises a ValueError."""
-  with open(doc.path, "rb") as f:
-    if doc.start is None:
+  if doc.start is None:
+    with open(doc.path, "rb") as f:
       return f.read().decode("utf-8", errors="replace")
+  return _record_text(read_record(doc), text_key, location(doc))
+
+
+def read_record(doc: Document) -> Any:
+  """The JSON value of a JSONL document; a line that is not JSON raises a ValueError."""
+  with open(doc.path, "rb") as f:
     f.seek(doc.start)
     raw = f.read(doc.stop - doc.start)
-  return _record_text(raw, text_key, f"{doc.path} line {doc.line}")
+  return _parse_record(raw, location(doc))
 
 
-def _record_text(raw: bytes, text_key: str, where: str) -> str:
+def location(doc: Document) -> str:
+  """'path line n' (a JSONL record) or 'path': how errors name a document."""
+  return doc.path if doc.line is None else f"{doc.path} line {doc.line}"
+
+
+def _parse_record(raw: bytes, where: str) -> Any:
   try:
-    record = json.loads(raw.decode("utf-8", errors="replace"))
+    return json.loads(raw.decode("utf-8", errors="replace"))
   except json.JSONDecodeError as e:
     raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+
+
+def _record_text(record: Any, text_key: str, where: str) -> str:
   if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
     raise ValueError(f"{where}: no string field {text_key!r} (data.text_key)")
   text = record[text_key]
@@ -141,7 +163,7 @@ def _record_text(raw: bytes, text_key: str, where: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _split_documents(
-  source: str, text_key: str, val_fraction: float
+  source: str, text_key: str | None, val_fraction: float
 ) -> tuple[tuple[Document, ...], tuple[Document, ...]]:
   docs = _documents(source, text_key)
   if len(docs) < 2:
@@ -164,13 +186,17 @@ def _unit_hash(key: str) -> float:
   return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
 
-def _documents(source: str, text_key: str) -> list[Document]:
+def _documents(source: str, text_key: str | None) -> list[Document]:
+  """The documents of a source; text_key None: conversations (JSONL only, records not read)."""
   root, paths = _stdlib_files() if source == STDLIB else _source_files(source)
   docs = []
   for path in paths:
     key = os.path.relpath(path, root)
     if path.endswith(".jsonl"):
       docs.extend(_jsonl_documents(path, key, text_key))
+    elif text_key is None:
+      raise ValueError(f"data.source {source!r}: {path} is not a .jsonl file (data.format 'chat' "
+                       "reads JSONL files of conversations)")
     else:
       docs.append(Document(path, key))
   if not docs:
@@ -207,8 +233,9 @@ def _source_files(source: str) -> tuple[str, list[str]]:
   return os.path.commonpath(dirs), [os.path.abspath(p) for p in nonempty]
 
 
-def _jsonl_documents(path: str, key: str, text_key: str) -> list[Document]:
-  """One document per non-blank line; the first record is parsed to fail early on bad files."""
+def _jsonl_documents(path: str, key: str, text_key: str | None) -> list[Document]:
+  """One document per non-blank line; the first record is parsed to fail early on bad files
+  (its text read too, unless text_key is None)."""
   data = np.fromfile(path, dtype=np.uint8)
   ends = np.flatnonzero(data == ord("\n")) + 1
   if not len(ends) or ends[-1] != len(data):
@@ -220,5 +247,7 @@ def _jsonl_documents(path: str, key: str, text_key: str) -> list[Document]:
       docs.append(Document(path, f"{key}:{line}", start, stop, line))
   if docs:
     first = docs[0]
-    _record_text(data[first.start : first.stop].tobytes(), text_key, f"{path} line {first.line}")
+    record = _parse_record(data[first.start : first.stop].tobytes(), location(first))
+    if text_key is not None:
+      _record_text(record, text_key, location(first))
   return docs

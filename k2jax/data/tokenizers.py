@@ -307,8 +307,11 @@ def _bpe(data_cfg: Any, workdir: str | None) -> KimiTokenizer:
       raise ValueError(f"{path} has {tok.vocab_size} ids but data.bpe_vocab_size is {vocab_size}; "
                        "delete it to retrain")
     return tok
+  if sources.field(data_cfg, "format") != "text":
+    raise ValueError("data.tokenizer 'bpe' trains on text documents; with data.format 'chat' use "
+                     "a K2-format tokenizer directory (data.tokenizer 'kimi') or config.init_from")
   try:
-    tok = train_bpe(_training_sample(data_cfg), vocab_size, k2_chat_template())
+    tok = train_bpe(training_sample(data_cfg), vocab_size, k2_chat_template())
   except ValueError as e:
     raise ValueError(f"data.bpe_vocab_size {vocab_size}: {e} on data.source "
                      f"{sources.field(data_cfg, 'source')!r}; lower it or add data") from None
@@ -323,7 +326,7 @@ BUILDERS = {
 }
 
 
-def _training_sample(data_cfg: Any):
+def training_sample(data_cfg: Any):
   """Texts of training documents in a fixed pseudo-random order, up to data.bpe_train_bytes."""
   docs = sources.list_documents(data_cfg, "train")
   budget = sources.field(data_cfg, "bpe_train_bytes")

@@ -57,8 +57,9 @@ def absorbed_attention(q_nope_BTHN, q_pe_BTHR, latent_BSC, rope_key_BSR, visible
   logits_BHTS = (matmul("bthc,bsc->bhts", q_lat_BTHC, latent_BSC, cfg.dtype)
                  + matmul("bthr,bsr->bhts", q_pe_BTHR, rope_key_BSR, cfg.dtype))
   probs_BHTS, max_logits_H = masked_softmax(logits_BHTS * softmax_scale(cfg), visible_BTS)
-  out_BTHC = matmul("bhts,bsc->bthc", probs_BHTS, latent_BSC, cfg.dtype)
-  return matmul("bthc,chv->bthv", out_BTHC, w_v_CHV, cfg.dtype), max_logits_H
+  # (b, h, t) order: XLA:CPU has no bfloat16 kernel for this contraction into (b, t, h) at b > 1.
+  out_BHTC = matmul("bhts,bsc->bhtc", probs_BHTS, latent_BSC, cfg.dtype)
+  return matmul("bhtc,chv->bthv", out_BHTC, w_v_CHV, cfg.dtype), max_logits_H
 
 
 class MLA(nn.Module):

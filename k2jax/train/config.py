@@ -1,9 +1,12 @@
 """Experiment configs: defaults, validation with one-line errors, and the resolved ModelConfig.
 
 An experiment config is an ml_collections ConfigDict with sections model, train, loss, optimizer,
-router, checkpoint, data, mesh, sample and a seed. `config.model.preset` names a k2jax preset;
-every other field of config.model is a ModelConfig field that overrides it when set (None keeps
-the preset's). `config.loss` maps loss-term names (k2jax.train.losses.TERMS) to their weights.
+router, checkpoint, data, mesh, sample, a seed and `init_from`. `config.model.preset` names a
+k2jax preset; every other field of config.model is a ModelConfig field that overrides it when set
+(None keeps the preset's). `config.loss` maps loss-term names (k2jax.train.losses.TERMS) to their
+weights. `config.init_from` is "" (random weights) or a training workdir or a Hugging Face
+checkpoint directory whose weights (params and router bias) and tokenizer the run starts from,
+with a fresh optimizer state (fine-tuning, e.g. SFT; see k2jax.train.workdir.load_init).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
   """Every key an experiment config may set, with its default."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.init_from = ""
   c.model = _model_section()
   c.train = ml_collections.ConfigDict(dict(
       steps=600, batch_size=16, seq_len=256, grad_accum=1, log_every=10, eval_every=100,
@@ -117,6 +121,8 @@ def validate(config) -> None:
   _check_keys(config, default_config())
   if not isinstance(config.seed, int):
     _fail("seed", f"must be an integer, got {config.seed!r}")
+  if not isinstance(config.init_from, str):
+    _fail("init_from", f"must be a directory path or '', got {config.init_from!r}")
   for key in ("train.steps", "train.batch_size", "train.seq_len", "train.grad_accum",
               "train.log_every", "train.eval_batches", "checkpoint.keep"):
     _int(config, key, 1)

@@ -2,7 +2,9 @@
 
 - `Run(config, workdir)` (setup): validates the config, the workdir, the data and the tokenizer
   (one-line ConfigError before anything compiles), builds the model, optimizer, mesh and state,
-  and resumes from the latest valid checkpoint.
+  and resumes from the latest valid checkpoint; without one, starts from config.init_from's
+  weights (fresh optimizer state, step 0) when it is set. data.format picks the pipeline: text
+  (k2jax.data) or chat (k2jax.train.chat_data; evaluation then reports no bits per byte).
 - `run.loop()`: trains with metrics read one step late; evaluates, logs, checkpoints. A NaN/Inf
   loss or gradient norm raises FloatingPointError without writing a checkpoint; SIGTERM saves a
   checkpoint and returns.
@@ -23,9 +25,11 @@ import numpy as np
 
 from k2jax import data as data_lib
 from k2jax import decode, distributed, sharding
+from k2jax.data import sources
 from k2jax.flops import flops_per_token
 from k2jax.model.counting import count_params
 from k2jax.perf import cached_matmul_peak_flops
+from k2jax.train import chat_data
 from k2jax.train import config as config_lib
 from k2jax.train import workdir as workdir_lib
 from k2jax.train.checkpoint import Checkpointer
@@ -54,17 +58,21 @@ class Run:
     config_lib.validate(config)
     self.config, t = config, config.train
     self.workdir = workdir_lib.check_writable(workdir)
+    self.primary = distributed.is_primary()
     try:
-      self.tokenizer = data_lib.build_tokenizer(config.data, str(self.workdir))
-      self.train_iter = data_lib.make_iterator(config.data, self.tokenizer, "train",
-                                               t.batch_size, t.seq_len, config.seed)
-      self.eval_batches, self.bytes_per_token = [], float("nan")
+      self.tokenizer = workdir_lib.run_tokenizer(self.workdir, config, write=self.primary)
+      text = sources.field(config.data, "format") == "text"
+      make_iterator = data_lib.make_iterator if text else chat_data.make_iterator
+      self.train_iter = make_iterator(config.data, self.tokenizer, "train", t.batch_size,
+                                      t.seq_len, config.seed)
+      self.eval_batches, self.bytes_per_token = [], None
       if t.eval_every:
-        val_iter = data_lib.make_iterator(config.data, self.tokenizer, "validation",
-                                          t.batch_size, t.seq_len, config.seed)
+        val_iter = make_iterator(config.data, self.tokenizer, "validation", t.batch_size,
+                                 t.seq_len, config.seed)
         self.eval_batches = [next(val_iter) for _ in range(t.eval_batches)]
         val_iter.close()
-        self.bytes_per_token = data_lib.bytes_per_token(config.data, self.tokenizer)
+        if text:
+          self.bytes_per_token = data_lib.bytes_per_token(config.data, self.tokenizer)
     except (ValueError, OSError) as e:
       raise config_lib.ConfigError(str(e).splitlines()[0]) from e
     self.cfg = config_lib.model_config(config, self.tokenizer.vocab_size)
@@ -72,18 +80,19 @@ class Run:
     self.num_devices = math.prod(sizes.values())
     self.mesh = sharding.make_mesh(sizes, jax.devices()[:self.num_devices])
     self.tx, self.schedule = build_optimizer(config, self.cfg, self.mesh)
-    self.primary = distributed.is_primary()
     workdir_lib.check_same_run(self.workdir, config, self.cfg, write=self.primary)
     if self.primary:
       (self.workdir / workdir_lib.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
 
     with jax.set_mesh(self.mesh):
       self.state_sh = state_shardings(self.cfg, self.tx, self.mesh)
-      self.state = init_state(self.cfg, self.tx, config.seed, shardings=self.state_sh)
+      abstract = jax.tree.map(
+          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+          jax.eval_shape(lambda: init_state(self.cfg, self.tx, config.seed)), self.state_sh)
     self.ckpt = Checkpointer(self.workdir / workdir_lib.CHECKPOINT_DIR, config.checkpoint.keep,
                              config.checkpoint.async_save)
     self.start, self.last_saved = 0, None
-    restored = self.ckpt.restore_latest(self.state)
+    restored = self.ckpt.restore_latest(abstract)
     if restored is not None:
       self.start, self.state, data_state = restored
       self.last_saved = self.start
@@ -91,6 +100,17 @@ class Run:
       if self.primary:
         truncate_metrics(self.workdir, self.start)
       print(f"resumed from {self.ckpt.directory / str(self.start)}", flush=True)
+    else:
+      variables = None
+      if config.init_from:
+        try:
+          variables = workdir_lib.load_init(config.init_from, self.cfg)
+        except (ValueError, OSError) as e:
+          raise config_lib.ConfigError(str(e).splitlines()[0]) from e
+        print(f"initialised from {config.init_from} (fresh optimizer state)", flush=True)
+      with jax.set_mesh(self.mesh):
+        self.state = init_state(self.cfg, self.tx, config.seed, shardings=self.state_sh,
+                                variables=variables)
     self.stopped = None
     self.writer = MetricsWriter(self.workdir, t.steps) if self.primary else None
     self._print_header()
@@ -118,7 +138,7 @@ class Run:
               for b in self.eval_batches]
     out = {f"eval_{k}": float(np.mean([v[k] for v in jax.device_get(values)]))
            for k in values[0]}
-    if "eval_cross_entropy" in out:
+    if "eval_cross_entropy" in out and self.bytes_per_token is not None:
       out["eval_bits_per_byte"] = out["eval_cross_entropy"] / math.log(2) / self.bytes_per_token
     return out
 

@@ -26,22 +26,26 @@ class TrainState:
   rng: jax.Array  # uint32 [2], for sampling.
 
 
-def _init(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def _init(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
+          variables: dict | None = None) -> TrainState:
   init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
-  variables = init_variables(model_cfg, init_key)
+  if variables is None:
+    variables = init_variables(model_cfg, init_key)
   return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                     opt_state=tx.init(variables["params"]), router=variables.get("router", {}),
                     rng=rng)
 
 
 def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
-               shardings: TrainState | None = None) -> TrainState:
-  """Fresh variables from `seed`, the optimizer state, step 0.
+               shardings: TrainState | None = None, variables: dict | None = None) -> TrainState:
+  """Step 0: fresh variables from `seed` (or the given `variables` {"params", "router"}, e.g. a
+  pretrained model's), and a fresh optimizer state for them.
 
   With `shardings` (`state_shardings`) every leaf is created in place on its devices, so no
   device ever holds the whole state; the values are the same on any mesh.
   """
-  return jax.jit(_init, static_argnums=(0, 1, 2), out_shardings=shardings)(model_cfg, tx, seed)
+  init = jax.jit(_init, static_argnums=(0, 1, 2), out_shardings=shardings)
+  return init(model_cfg, tx, seed, variables)
 
 
 def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation,

@@ -1,5 +1,5 @@
-"""A training run's directory: the names of its files, the checks before writing into it, and
-loading the latest checkpoint back.
+"""A training run's directory: the names of its files, the checks before writing into it, its
+tokenizer, loading the latest checkpoint back, and what `config.init_from` starts a run from.
 
 <workdir>/
   config.json         the experiment config (ml_collections, JSON)
@@ -8,7 +8,8 @@ loading the latest checkpoint back.
   training.png        loss and max attention logit (k2jax.train.plot)
   tensorboard/        TensorBoard events
   checkpoints/<step>  orbax checkpoints (k2jax.train.checkpoint); checkpoints.corrupt/ beside
-  tiktoken.model, tokenizer_config.json   a trained tokenizer (k2jax.data.tokenizers)
+  tokenizer/          tiktoken.model, tokenizer_config.json: a trained BPE (data.tokenizer
+                      "bpe"), or the tokenizer of config.init_from, copied there
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ import jax
 import ml_collections
 
 from k2jax import data as data_lib
+from k2jax import hf
+from k2jax.config import ModelConfig
+from k2jax.data import tokenizers
+from k2jax.model import abstract_variables
 from k2jax.train.checkpoint import Checkpointer
 from k2jax.train.config import ConfigError, model_config
 from k2jax.train.optimizer import build_optimizer
@@ -76,12 +81,71 @@ def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
+def run_tokenizer(workdir: str | pathlib.Path, config, write: bool = False
+                  ) -> tokenizers.Tokenizer:
+  """The tokenizer of the run `config` in `workdir`: config.data's; with config.init_from, the
+  one in <workdir>/tokenizer/, else init_from's (saved there when `write`)."""
+  if not config.get("init_from"):
+    return data_lib.build_tokenizer(config.data, str(workdir))
+  path = pathlib.Path(workdir) / tokenizers.BPE_DIR
+  tok = tokenizers.from_dir(path)
+  if tok is None:
+    tok = _init_tokenizer(pathlib.Path(config.init_from))
+    if write:
+      tok.save(path)
+  return tok
+
+
+def _is_workdir(path: pathlib.Path) -> bool:
+  return (path / CONFIG_FILE).is_file() and (path / CHECKPOINT_DIR).is_dir()
+
+
+def _init_tokenizer(path: pathlib.Path) -> tokenizers.Tokenizer:
+  if _is_workdir(path):
+    return run_tokenizer(path, read_config(path))
+  tok = tokenizers.from_dir(path)
+  if tok is None:
+    raise ValueError(f"config.init_from {path}: neither a training workdir ({CONFIG_FILE} and "
+                     f"{CHECKPOINT_DIR}/) nor a checkpoint directory with a tokenizer "
+                     f"({tokenizers.MODEL_FILE})")
+  return tok
+
+
+# ModelConfig fields a run started from init_from may set differently from the init's model.
+_FREE_FIELDS = (*NUMERICS_FIELDS, "param_dtype", "init_std")
+
+
+def load_init(path: str | pathlib.Path, cfg: ModelConfig) -> dict:
+  """The variables {"params", "router"} that config.init_from gives a model `cfg`: the latest
+  checkpoint of a training workdir, or the weights of a Hugging Face directory, cast to cfg's
+  parameter dtypes. A ValueError (one line) when the init's model differs from cfg (other than
+  in numerics) or its tokenizer has more ids than cfg's vocabulary."""
+  path = pathlib.Path(path)
+  if _is_workdir(path):
+    init_cfg, variables, tok, _ = load_latest(path)
+  else:
+    tok = _init_tokenizer(path)
+    init_cfg, variables = hf.load(path)
+  if tok.vocab_size > cfg.vocab_size:
+    raise ValueError(f"config.init_from {path}: its tokenizer has {tok.vocab_size} ids, more "
+                     f"than the model's vocab_size {cfg.vocab_size}")
+  ours, theirs = cfg.to_dict(), init_cfg.to_dict()
+  diff = [k for k in ours if k not in _FREE_FIELDS and ours[k] != theirs[k]]
+  if diff:
+    k = diff[0]
+    raise ValueError(f"config.init_from {path}: its model has {k}={theirs[k]!r}, this config "
+                     f"{ours[k]!r} ({len(diff)} field(s) differ); set config.model to match")
+  target = abstract_variables(cfg)
+  return jax.tree.map(lambda x, t: jax.numpy.asarray(x, t.dtype),
+                      {k: variables[k] for k in target}, target)
+
+
 def load_latest(workdir: str | pathlib.Path):
   """(model config, variables {"params", "router"}, tokenizer, experiment config) of the latest
   loadable checkpoint of a training run."""
   workdir = pathlib.Path(workdir)
   config = read_config(workdir)
-  tokenizer = data_lib.build_tokenizer(config.data, str(workdir))
+  tokenizer = run_tokenizer(workdir, config)
   cfg = model_config(config, tokenizer.vocab_size)
   tx, _ = build_optimizer(config, cfg)
   target = jax.eval_shape(lambda: init_state(cfg, tx, config.seed))
