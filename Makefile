@@ -1,11 +1,12 @@
-# The README's two commands: `make demo` (train a small K2 with MuonClip) and `make test`.
+# The README's commands: `make demo` (train a small K2 with MuonClip), `make test`, and
+# `make sft-demo` (agentic SFT: synthesise, pretrain, SFT, evaluate as an agent).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.runtime-installed
 TESTDEPS := $(VENV)/.test-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo sft-demo test lint bench clean
 
 $(RUNTIME): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,16 @@ $(TESTDEPS): $(RUNTIME) requirements-test.txt
 
 demo: $(RUNTIME)
 	$(PY) experiments/train.py --config=experiments/configs/k2_nano.py --workdir=workdirs/k2_nano
+
+SFT := workdirs/sft_demo
+sft-demo: $(RUNTIME)
+	$(PY) experiments/synthesize.py --out=$(SFT)/data --train=20000 --tokenizer_vocab=2048
+	$(PY) experiments/train.py --config=experiments/configs/k2_nano_sft.py:pretrain \
+	    --config.data.tokenizer_path=$(SFT)/data/tokenizer --workdir=$(SFT)/pretrain
+	$(PY) experiments/train.py --config=experiments/configs/k2_nano_sft.py \
+	    --config.init_from=$(SFT)/pretrain --config.data.source=$(SFT)/data/train.jsonl \
+	    --workdir=$(SFT)/sft
+	$(PY) experiments/agent_eval.py --workdir=$(SFT)/pretrain --workdir=$(SFT)/sft --out=$(SFT)/eval
 
 test: $(TESTDEPS)
 	$(VENV)/bin/ruff check k2jax tests experiments benchmarks

@@ -2,8 +2,11 @@
 tokenizer with a fresh optimizer; a short SFT run lowers the masked loss on held-out
 conversations; an SFT workdir resumes its own checkpoint; mismatches are one-line errors."""
 
+import json
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -16,6 +19,7 @@ from k2jax.train import workdir as workdir_lib
 from k2jax.train.loop import Run
 from k2jax.train.step import make_eval_step
 
+REPO = pathlib.Path(__file__).parents[1]
 TINY_MODEL = dict(hidden_size=64, num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=2)
 
 
@@ -150,3 +154,35 @@ def test_mismatches_are_one_line_errors(setup, tmp_path):
   with pytest.raises(ConfigError, match=r"init_from .*hf: its model has vocab_size=1024, this "
                                         r"config 576"):
     Run(config, str(tmp_path / "c"))
+
+
+def test_synthesize_cli_writes_conversations_and_a_tokenizer(corpus, tmp_path):
+  out = tmp_path / "data"
+  cmd = [sys.executable, str(REPO / "experiments" / "synthesize.py"), f"--out={out}",
+         "--train=40", "--heldout_domain=6", "--tokenizer_vocab=600",
+         f"--tokenizer_corpus={corpus}", "--tokenizer_conversations=20"]
+  run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+  assert run.returncode == 0, run.stderr
+  records = list(agentic.read_jsonl(str(out / "train.jsonl")))
+  assert len(records) == 40 and {r["split"] for r in records} == {"train"}
+  assert {r["domain"] for r in agentic.read_jsonl(str(out / "heldout_domain.jsonl"))} == {
+    agentic.HELDOUT_DOMAIN}
+  tok = data.KimiTokenizer.from_dir(out / "tokenizer")
+  assert tok.vocab_size == 600 and tok.chat_template is not None
+  again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+  assert again.returncode == 0 and "tokenizer: kept" in again.stdout
+
+
+def test_agent_eval_cli_reports_a_workdir(sft_run, tmp_path):
+  workdir, _, _ = sft_run
+  run = subprocess.run(
+    [sys.executable, str(REPO / "experiments" / "agent_eval.py"), f"--workdir={workdir}",
+     "--heldout=3", "--heldout_domain=2", "--max_new_tokens=8", "--batch_size=2",
+     "--transcripts=1", f"--out={tmp_path}"], capture_output=True, text=True, cwd=REPO)
+  assert run.returncode == 0, run.stderr
+  assert "heldout_domain  library" in run.stdout and "-> " in run.stdout
+  report = json.loads((tmp_path / "eval.json").read_text())
+  summary = report["results"][str(workdir)]
+  assert summary["heldout"]["all"]["episodes"] == 3
+  assert set(summary["heldout_domain"]["by_domain"]) == {agentic.HELDOUT_DOMAIN}
+  assert (tmp_path / "success_by_domain.png").stat().st_size > 5_000
