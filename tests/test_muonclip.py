@@ -140,3 +140,13 @@ def test_no_clip_is_muon_and_metrics_errors():
   jax.tree.map(np.testing.assert_array_equal, *outs)
   with pytest.raises(ValueError, match="no k2jax optimizer state"):
     ko.optimizer_metrics(optax.adam(1e-3).init(params))
+
+
+def test_update_traces_beyond_int32_weights():
+  """K2 has 1.02e12 Muon weights: the update-RMS metric must not count them in an int32."""
+  big = {"w": jax.ShapeDtypeStruct((65536, 32769), jnp.float32),
+         "final_norm": {"scale": jax.ShapeDtypeStruct((8,), jnp.float32)}}
+  tx = ko.muon(1e-2)
+  state = jax.eval_shape(tx.init, big)
+  _, state = jax.eval_shape(tx.update, big, state, big)
+  assert ko.optimizer_metrics(state)["update_rms/muon"].dtype == jnp.float32

@@ -34,9 +34,10 @@ def _rms_metrics(updates, labels) -> dict[str, jax.Array]:
   metrics = {}
   for role in ("muon", "adamw"):
     leaves = [u for u, r in zip(jax.tree.leaves(updates), jax.tree.leaves(labels)) if r == role]
-    count = sum(u.size for u in leaves)
+    # A Python float: an int count beyond 2^31 (K2 has 1.02e12 Muon weights) overflows in jit.
+    count = float(max(sum(u.size for u in leaves), 1))
     total = sum((jnp.sum(jnp.square(u.astype(jnp.float32))) for u in leaves), jnp.float32(0))
-    metrics[f"update_rms/{role}"] = jnp.sqrt(total / max(count, 1))
+    metrics[f"update_rms/{role}"] = jnp.sqrt(total / count)
   return metrics
 
 
