@@ -31,6 +31,7 @@ from k2jax import sharding
 from k2jax.config import ModelConfig
 from k2jax.model import abstract_variables, partitioning
 from k2jax.model import dispatch as dispatch_lib
+from k2jax.optim.newton_schulz import newton_schulz_flops
 from k2jax.optim.roles import param_roles
 
 GB = 1e9
@@ -99,14 +100,39 @@ def memory_plan(cfg: ModelConfig, mesh_shape: Mapping[str, int], micro_batch: in
                     gradients=grad_bytes, activations=act, transient=max(gathered, ns))
 
 
-def _newton_schulz_bytes(shape, spec, mesh) -> int:
-  """Four float32 copies of what one Newton-Schulz call holds per device: one layer of a stacked
-  leaf in its Newton-Schulz layout (k2jax.optim.muon.orthogonalize_sharded)."""
+def _newton_schulz_layout(shape, spec, mesh) -> tuple[tuple[int, ...], int]:
+  """(matrices of one Newton-Schulz call, devices sharing them): one layer of a stacked leaf in
+  its Newton-Schulz layout (k2jax.optim.muon.orthogonalize_sharded)."""
   spec = tuple(spec) + (None,) * (len(shape) - len(spec))
   if len(shape) >= 3:
     shape, spec = shape[1:], spec[1:]
   ns_spec = sharding.newton_schulz_spec(jax.sharding.PartitionSpec(*spec), shape, mesh)
-  return 4 * F32 * math.prod(shape) // _leaf_ways(ns_spec, mesh)
+  return tuple(shape), _leaf_ways(ns_spec, mesh)
+
+
+def _newton_schulz_bytes(shape, spec, mesh) -> int:
+  """Four float32 copies of what one Newton-Schulz call holds per device."""
+  layer, ways = _newton_schulz_layout(shape, spec, mesh)
+  return 4 * F32 * math.prod(layer) // ways
+
+
+def newton_schulz_flops_per_device(cfg: ModelConfig, mesh_shape: Mapping[str, int]) -> float:
+  """Newton-Schulz FLOPs one device runs per Muon update on `mesh_shape`.
+
+  A matrix gathered whole onto the devices that share it (the Distributed Muon layout) is
+  orthogonalised on each of them: that work repeats, it does not split.
+  """
+  mesh = {a: int(mesh_shape.get(a, 1)) for a in sharding.MESH_AXES}
+  params = abstract_variables(cfg)["params"]
+  specs = partitioning.variable_specs(cfg, mesh)["params"]
+  total = 0.0
+  for x, s, r in zip(jax.tree.leaves(params), jax.tree.leaves(
+      specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+                     jax.tree.leaves(param_roles(params))):
+    if r == "muon":
+      _, ways = _newton_schulz_layout(x.shape, s, mesh)
+      total += newton_schulz_flops(x.shape) / ways
+  return total
 
 
 def _layer_gather_bytes(cfg, mesh, leaves, spec_leaves, pbytes) -> int:

@@ -1,0 +1,358 @@
+"""Ahead-of-time compilation for TPU slices on any host: does a config fit, how fast might it be.
+
+With libtpu installed, `jax.experimental.topologies.get_topology_desc` gives compile-only devices
+of any TPU slice, and compiling for a mesh of them runs the real XLA TPU compiler here. Nothing is
+ever allocated: the train state, the batch and the serving cache are ShapeDtypeStructs.
+
+`topology(name)` -> (devices, chip); `topology_mesh(mesh_cfg, devices)` -> the k2jax mesh;
+`train_step_report(...)`, `prefill_report(...)`, `decode_report(...)` -> a `Report` per chip:
+memory against HBM (or "does not fit" with the compiler's reason), compiled FLOPs against the
+FLOP model, collective bytes by kind, and a step-time estimate.
+
+Every time here is an estimate, never a measurement. The compiler's own (`optimal_seconds`) is
+reported as it comes, but it counts a loop body once and is sometimes negative, so the step time
+is a roofline of our own from the compiled program (`k2jax.hlo`, loops counted with their trip
+counts): compiled FLOPs / peak FLOP/s, HBM bytes / HBM bandwidth and collective bytes / ICI
+bandwidth, each per chip. `step_s` assumes they overlap perfectly (the largest of the three),
+`serial_s` that none does (their sum); tokens/s and MFU come from both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from k2jax import hlo, sharding
+from k2jax.config import ModelConfig
+from k2jax.flops import activated_matmul_params, attention_flops_per_token, flops_per_token
+from k2jax.model import Transformer, abstract_variables, partitioning
+from k2jax.model.transformer import init_cache
+from k2jax.plan import newton_schulz_flops_per_device
+from k2jax.train.state import init_state, state_shardings
+from k2jax.train.step import make_train_step
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Per-chip figures of a TPU generation: the HBM the TPU compiler says is available (its
+  out-of-memory error), and the public bf16 dense peak, HBM bandwidth and ICI bandwidth (all
+  links together)."""
+
+  name: str
+  hbm_bytes: float
+  peak_flops: float
+  hbm_bandwidth: float
+  ici_bandwidth: float
+
+
+CHIPS = {
+    "v5p": Chip("TPU v5p", 95.74 * GIB, 459e12, 2.765e12, 4800e9 / 8),
+    "v6e": Chip("TPU v6e", 31.25 * GIB, 918e12, 1.64e12, 3584e9 / 8),
+    "v5e": Chip("TPU v5e", 15.75 * GIB, 197e12, 0.819e12, 1600e9 / 8),
+}
+# Named slices (Cloud TPU names: v5p-N counts TensorCores, 2 per chip; v6e-N and v5e-N count
+# chips) and the topology each is created with by default.
+_SLICES = {
+    "v5p": {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4", 256: "4x4x8",
+            512: "4x8x8", 1024: "8x8x8", 2048: "8x8x16", 4096: "8x16x16", 8192: "16x16x16"},
+    "v6e": {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"},
+    "v5e": {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"},
+}
+
+
+def topology_name(name: str) -> str:
+  """"v5p:8x8x8" as given; a named slice "v5p-1024" as its default topology, "v5p:8x8x8"."""
+  m = re.fullmatch(r"(\w+)-(\d+)", name)
+  if m is None:
+    return name
+  gen, n = m.group(1), int(m.group(2))
+  if n not in _SLICES.get(gen, {}):
+    raise ValueError(f"topology {name!r}: unknown slice (known: "
+                     f"{', '.join(f'{g}-{k}' for g, s in _SLICES.items() for k in s)})")
+  return f"{gen}:{_SLICES[gen][n]}"
+
+
+def topology(name: str) -> tuple[list[jax.Device], Chip]:
+  """The compile-only devices of TPU slice `name` ("v5p:4x4x4" or "v5p-128") and its chip."""
+  if importlib.util.find_spec("libtpu") is None:
+    raise ValueError(f"TPU compilation needs the libtpu package: pip install "
+                     f"'jax[tpu]=={jax.__version__}'")
+  full = topology_name(name)
+  gen = full.split(":")[0]
+  if gen not in CHIPS or ":" not in full:
+    raise ValueError(f"topology {name!r}: give <generation>:<shape> or a named slice, "
+                     f"generation one of {', '.join(CHIPS)} (e.g. v5p:4x4x4, v5p-128)")
+  # Compile-only use: no TPU is opened, so several processes (test workers) may load libtpu.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies  # noqa: PLC0415 (imports libtpu's plugin machinery)
+  try:
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=full)
+  except Exception as e:  # the plugin raises JaxRuntimeError with a multi-line message.
+    raise ValueError(f"topology {name!r}: {str(e).splitlines()[0]}") from None
+  return list(desc.devices), CHIPS[gen]
+
+
+def topology_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device],
+                  name: str = "the slice") -> Mesh:
+  """The (data, fsdp, expert, tensor) mesh over a slice's devices, every axis Auto.
+
+  Axes are laid on the physical torus by `mesh_utils.create_device_mesh`; a logical size that is
+  not a product of physical axis sizes (16 on 8x8x8) splits a physical axis, so that axis's ring
+  is shared by two logical axes.
+  """
+  fixed = math.prod(v for v in mesh_cfg.values() if v != -1)
+  if fixed > len(devices):
+    raise ValueError(f"config.mesh needs {fixed} devices but {name} has {len(devices)} chips")
+  sizes = sharding.mesh_sizes(mesh_cfg, len(devices))
+  shape = tuple(sizes[a] for a in sharding.MESH_AXES)
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    try:
+      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError) as e:
+      raise ValueError(f"config.mesh {shape} cannot be laid on {name}'s torus: "
+                       f"{str(e).splitlines()[0]}") from None
+  return Mesh(grid, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES))
+
+
+@dataclasses.dataclass
+class Report:
+  """One program compiled for one slice; bytes, FLOPs and seconds are per chip."""
+
+  program: str
+  topology: str
+  chip: Chip
+  mesh: dict[str, int]
+  tokens: int  # tokens the program processes (global)
+  model_flops: float  # FLOP model (k2jax.flops) per chip
+  compile_s: float
+  fits: bool
+  # Work the compiled program does beyond the FLOP model, per chip, by source.
+  extra_flops: dict[str, float] = dataclasses.field(default_factory=dict)
+  error: str | None = None  # the compiler's reason when it does not fit
+  argument_bytes: int = 0
+  output_bytes: int = 0
+  alias_bytes: int = 0
+  temp_bytes: int = 0
+  flops: float = 0.0  # compiled, loops counted
+  memory_bytes: float = 0.0  # estimated HBM traffic (k2jax.hlo.memory_bytes)
+  collective_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
+  xla_optimal_seconds: float | None = None
+  compiled: Any = dataclasses.field(default=None, repr=False)  # the executable (not in to_dict)
+
+  @property
+  def num_chips(self) -> int:
+    return math.prod(self.mesh.values())
+
+  @property
+  def accounted_flops(self) -> float:
+    """The FLOP model plus the known extra work: what the compiled FLOPs should be."""
+    return self.model_flops + sum(self.extra_flops.values())
+
+  @property
+  def total_bytes(self) -> int:
+    """Peak HBM: arguments + outputs not aliased to an argument + temporaries."""
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+  @property
+  def times(self) -> dict[str, float]:
+    """Roofline terms (estimates, seconds): compute, hbm, ici; step (overlapped), serial."""
+    t = {"compute": self.flops / self.chip.peak_flops,
+         "hbm": self.memory_bytes / self.chip.hbm_bandwidth,
+         "ici": sum(self.collective_bytes.values()) / self.chip.ici_bandwidth}
+    return {**t, "step": max(t.values()), "serial": sum(t.values())}
+
+  def tokens_per_s_per_chip(self, key: str = "step") -> float:
+    return self.tokens / self.num_chips / self.times[key] if self.fits else 0.0
+
+  def mfu(self, key: str = "step") -> float:
+    """FLOP-model FLOPs / (estimated time x peak)."""
+    return self.model_flops / (self.times[key] * self.chip.peak_flops) if self.fits else 0.0
+
+  def to_dict(self) -> dict:
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "compiled"}
+    d["chip"] = dataclasses.asdict(self.chip)
+    d["total_bytes"] = self.total_bytes
+    if self.fits:
+      d["estimated_seconds"] = self.times
+      d["estimated_tokens_per_s_per_chip"] = self.tokens_per_s_per_chip()
+      d["estimated_mfu"] = self.mfu()
+      d["estimated_mfu_serial"] = self.mfu("serial")
+    return d
+
+  def format(self) -> str:
+    """A few lines for a terminal."""
+    mesh = " x ".join(f"{a} {n}" for a, n in self.mesh.items() if n > 1) or "1 chip"
+    head = (f"{self.program} on {self.topology} ({self.num_chips} x {self.chip.name}, mesh "
+            f"{mesh}): compiled in {self.compile_s:.0f} s")
+    if not self.fits:
+      return f"{head}\n  does not fit: {self.error}"
+    gb = lambda b: f"{b / GIB:.2f}"
+    t = self.times
+    coll = ", ".join(f"{k} {gb(v)}" for k, v in self.collective_bytes.items() if v) or "none"
+    xla = ("not given" if self.xla_optimal_seconds is None or self.xla_optimal_seconds <= 0
+           else f"{self.xla_optimal_seconds * 1e3:.1f} ms")
+    return "\n".join([
+        head,
+        f"  memory per chip (GiB): arguments {gb(self.argument_bytes)}, outputs "
+        f"{gb(self.output_bytes)} ({gb(self.alias_bytes)} aliased), temporaries "
+        f"{gb(self.temp_bytes)}; total {gb(self.total_bytes)} of {gb(self.chip.hbm_bytes)} HBM: "
+        "fits",
+        f"  FLOPs per chip: compiled {self.flops:.3e} = {self.flops / self.model_flops:.2f}x the "
+        f"FLOP model's {self.model_flops:.3e}; with "
+        + "".join(f"{k} {v:.3e}, " for k, v in self.extra_flops.items())
+        + f"{self.accounted_flops:.3e} expected ({self.flops / self.accounted_flops:.3f}x)",
+        f"  collectives per chip (GiB received): {coll}",
+        f"  estimated time (roofline, not measured): compute {t['compute'] * 1e3:.1f} ms, HBM "
+        f"{t['hbm'] * 1e3:.1f} ms, ICI {t['ici'] * 1e3:.1f} ms -> {t['step'] * 1e3:.1f} ms "
+        f"overlapped, {t['serial'] * 1e3:.1f} ms serial; XLA's estimate: {xla}",
+        f"  estimated tokens/s per chip {self.tokens_per_s_per_chip():.0f} "
+        f"({self.tokens_per_s_per_chip('serial'):.0f} serial); estimated MFU "
+        f"{100 * self.mfu():.1f}% ({100 * self.mfu('serial'):.1f}% serial)",
+    ])
+
+
+def _does_not_fit(e: Exception) -> str | None:
+  """The compiler's one-line reason when `e` is an out-of-HBM compile error, else None."""
+  for line in str(e).splitlines():
+    if "RESOURCE_EXHAUSTED" in line and "memory" in line.lower():
+      return line.split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
+  return None
+
+
+def compile_report(program: str, fn: Callable, args: Sequence, mesh: Mesh, chip: Chip,
+                   topology_label: str, tokens: int, model_flops: float,
+                   extra_flops: Mapping[str, float] | None = None) -> Report:
+  """Lowers and compiles jitted `fn` on `args` (ShapeDtypeStructs) under `mesh`.
+
+  `model_flops`: the FLOP model's count for the whole program; `extra_flops`: per chip.
+  """
+  t0 = time.perf_counter()
+  base = dict(program=program, topology=topology_label, chip=chip, mesh=dict(mesh.shape),
+              tokens=tokens, model_flops=model_flops / mesh.size,
+              extra_flops=dict(extra_flops or {}))
+  with jax.set_mesh(mesh):
+    lowered = fn.lower(*args)
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # XlaRuntimeError; anything but running out of HBM propagates.
+    reason = _does_not_fit(e)
+    if reason is None:
+      raise
+    return Report(**base, compile_s=time.perf_counter() - t0, fits=False, error=reason)
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  text = compiled.as_text()
+  cost = compiled.cost_analysis() or {}
+  return Report(**base, compile_s=compile_s, fits=True,
+                argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
+                alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
+                flops=hlo.matmul_flops(text), memory_bytes=hlo.memory_bytes(text),
+                collective_bytes=hlo.collective_bytes(text, mesh.size),
+                xla_optimal_seconds=cost.get("optimal_seconds"), compiled=compiled)
+
+
+def train_step_report(cfg: ModelConfig, tx, mesh: Mesh, chip: Chip, topology_label: str, *,
+                      batch_size: int, seq_len: int, muon: bool = True,
+                      **step_kwargs) -> Report:
+  """The real sharded train step (forward, backward, `tx` with QK-Clip, router bias) compiled
+  for `mesh`; `tx` should be built with the mesh's `param_shardings` (`muon`: whether it runs
+  Newton-Schulz); `step_kwargs` go to `make_train_step` (grad_accum, grad_clip,
+  bias_update_rate, ...)."""
+  partitioning.check_config(cfg, mesh.shape, batch_size)
+  state = jax.eval_shape(lambda: init_state(cfg, tx, 0))
+  shardings = state_shardings(cfg, tx, mesh)
+  step = make_train_step(cfg, tx, lambda s: 0.0, mesh=mesh, state_shardings=shardings,
+                         **step_kwargs)
+  batch = {"tokens": jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32)}
+  tokens = batch_size * seq_len
+  return compile_report("train step", step, (state, batch), mesh, chip, topology_label, tokens,
+                        flops_per_token(cfg, seq_len) * tokens,
+                        train_extra_flops(cfg, mesh.shape, tokens, seq_len, muon=muon))
+
+
+def train_extra_flops(cfg: ModelConfig, mesh_shape: Mapping[str, int], tokens: int, seq_len: int,
+                      muon: bool = True) -> dict[str, float]:
+  """Per chip, the train step's work outside `flops_per_token`: the causal mask's skipped half
+  of q.k and p.v (the model computes every pair), remat "full"'s second forward of the layers,
+  and Muon's Newton-Schulz (`plan.newton_schulz_flops_per_device`)."""
+  chips = math.prod(mesh_shape.values())
+  attention = attention_flops_per_token(cfg, seq_len)  # causal: half of the pairs.
+  extra = {"unmasked attention": attention * tokens / chips}
+  if cfg.remat == "full":
+    head = cfg.hidden_size * cfg.vocab_size
+    forward = 2 * (activated_matmul_params(cfg) - head) + 2 / 3 * attention  # unmasked
+    extra["remat forward"] = forward * tokens / chips
+  if muon:
+    extra["Newton-Schulz"] = newton_schulz_flops_per_device(cfg, mesh_shape)
+  return extra
+
+
+def _serving_shardings(cfg: ModelConfig, mesh: Mesh, batch: int, context: int):
+  variables = partitioning.variable_shardings(cfg, mesh)
+  cache = jax.eval_shape(lambda: init_cache(cfg, batch, context))
+  cache_sh = jax.tree.map(lambda x: NamedSharding(mesh, sharding.logical_spec(
+      ("layers", "batch", "length", None), x.shape, mesh.shape)), cache)
+  return variables, cache, cache_sh
+
+
+def _serving_report(program: str, cfg: ModelConfig, mesh: Mesh, chip: Chip,
+                    topology_label: str, batch: int, context: int, new_tokens: int,
+                    position: int) -> Report:
+  """`new_tokens` tokens per row at positions [position, position + new_tokens) through the
+  model with the compressed MLA cache of `context` positions (donated, updated in place)."""
+  if position + new_tokens > context:
+    raise ValueError(f"{program}: positions up to {position + new_tokens} exceed the cache "
+                     f"context {context}")
+  partitioning.check_config(cfg, mesh.shape)
+  model = Transformer(cfg)
+  variables = abstract_variables(cfg)
+  var_sh, cache, cache_sh = _serving_shardings(cfg, mesh, batch, context)
+  tokens_sh = NamedSharding(mesh, sharding.logical_spec(("batch", "length"), (batch, new_tokens),
+                                                        mesh.shape))
+
+  def serve(variables, cache, tokens_BT):
+    positions_BT = jnp.broadcast_to(position + jnp.arange(new_tokens), tokens_BT.shape)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      (logits_BTV, _), mutated = model.apply({**variables, "cache": cache}, tokens_BT,
+                                             positions_BT, decode=True, mutable=["cache"])
+    return logits_BTV[:, -1], mutated["cache"]
+
+  fn = jax.jit(serve, donate_argnums=1, in_shardings=(var_sh, cache_sh, tokens_sh),
+               out_shardings=(NamedSharding(mesh, P()), cache_sh))
+  tokens = jax.ShapeDtypeStruct((batch, new_tokens), jnp.int32)
+  # Forward FLOPs: a third of training's; a token at position p attends p + 1 keys, which is
+  # the causal average of a sequence of 2p tokens.
+  mean_pos = position + (new_tokens + 1) / 2
+  model_flops = flops_per_token(cfg, max(1, round(2 * mean_pos))) / 3 * batch * new_tokens
+  return compile_report(program, fn, (variables, cache, tokens), mesh, chip, topology_label,
+                        batch * new_tokens, model_flops)
+
+
+def prefill_report(cfg: ModelConfig, mesh: Mesh, chip: Chip, topology_label: str, *, batch: int,
+                   prompt_len: int, context: int) -> Report:
+  """Prefill of `batch` prompts of `prompt_len` tokens into a cache of `context` positions."""
+  return _serving_report("prefill", cfg, mesh, chip, topology_label, batch, context,
+                         prompt_len, 0)
+
+
+def decode_report(cfg: ModelConfig, mesh: Mesh, chip: Chip, topology_label: str, *, batch: int,
+                  context: int) -> Report:
+  """One decode step of `batch` rows, each attending a full cache of `context` positions."""
+  return _serving_report("decode step", cfg, mesh, chip, topology_label, batch, context, 1,
+                         context - 1)
