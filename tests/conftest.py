@@ -1,4 +1,4 @@
-"""Shared test setup: 8 simulated CPU devices (set before jax is imported), float32 defaults."""
+"""Shared test setup: 8 simulated CPU devices, the CPU backend (set before jax is imported)."""
 
 import os
 
@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# With libtpu installed (k2jax.aot's tests) jax would look for a TPU first; tests run on CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
