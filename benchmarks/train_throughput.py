@@ -28,10 +28,9 @@ from k2jax.flops import flops_per_token
 from k2jax.model import Transformer
 from k2jax.model.counting import count_params
 from k2jax.perf import matmul_peak_flops, time_fn
-from k2jax.train import init_state, make_train_step
+from k2jax.train import init_state, losses, make_train_step
 from k2jax.train.checkpoint import Checkpointer
 from k2jax.train.schedules import make_schedule
-from k2jax.train.step import cross_entropy
 
 _PRESET = flags.DEFINE_string("preset", "k2_small", "Model preset.")
 _DTYPES = flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Compute dtypes to measure.")
@@ -92,11 +91,13 @@ def measure(dtype: str) -> dict:
   step_s = statistics.median(times)
   model = Transformer(cfg)
 
-  def loss(params, router, tokens_BT1):
-    logits_BTV, _ = model.apply({"params": params, "router": router}, tokens_BT1[:, :-1])
-    return cross_entropy(logits_BTV, tokens_BT1[:, 1:])
+  def loss(params, router, batch):
+    logits_BTV, aux = model.apply({"params": params, "router": router},
+                                  **losses.model_inputs(batch))
+    out = {"logits": logits_BTV, "aux": aux}
+    return losses.TERMS["cross_entropy"].total(out, batch) / batch["tokens"][:, 1:].size
 
-  grad_s = time_fn(jax.jit(jax.grad(loss)), state.params, state.router, batch["tokens"], reps=3)
+  grad_s = time_fn(jax.jit(jax.grad(loss)), state.params, state.router, batch, reps=3)
   peak = matmul_peak_flops(jnp.dtype(dtype))
   tps = _BATCH.value * _SEQ.value / step_s
   fpt = flops_per_token(cfg, _SEQ.value)

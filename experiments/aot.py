@@ -29,8 +29,9 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from k2jax import aot, presets  # noqa: E402
-from k2jax.train.loop import build_optimizer  # noqa: E402
-from k2jax.train.schedules import make_schedule  # noqa: E402
+from k2jax.train.aot import train_step_report  # noqa: E402
+from k2jax.train.config import loss_weights  # noqa: E402
+from k2jax.train.optimizer import build_optimizer  # noqa: E402
 
 PROGRAMS = ("train", "prefill", "decode")
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/k2_nano.py",
@@ -62,13 +63,12 @@ def run(config, topology: str, programs, serve_batch: int, serve_context: int,
   reports = []
   if "train" in programs:
     t, o = config.train, config.optimizer
-    schedule = make_schedule(o.schedule, o.lr, t.steps, o.warmup_steps, o.decay_fraction,
-                             o.final_lr_fraction)
-    tx = build_optimizer(config, cfg, schedule, mesh)
-    reports.append(aot.train_step_report(
+    tx, _ = build_optimizer(config, cfg, mesh)
+    reports.append(train_step_report(
         cfg, tx, mesh, chip, topology, batch_size=t.batch_size, seq_len=t.seq_len,
-        muon=o.name != "adamw", grad_accum=t.grad_accum, grad_clip=o.grad_clip,
-        bias_update_rate=config.router.bias_update_rate, bias_centered=config.router.centered))
+        muon=o.name != "adamw", loss_weights=loss_weights(config), grad_accum=t.grad_accum,
+        grad_clip=o.grad_clip, bias_update_rate=config.router.bias_update_rate,
+        bias_centered=config.router.centered))
     print(reports[-1].format(), flush=True)
   if "prefill" in programs:
     reports.append(aot.prefill_report(cfg, mesh, chip, topology, batch=serve_batch,

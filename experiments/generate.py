@@ -3,9 +3,10 @@
   python experiments/generate.py --workdir=workdirs/k2_nano --prompt="def "
   python experiments/generate.py --hf_dir=exports/k2_nano --prompt="def " --temperature=0.8
 
-The tokenizer is the run's (a workdir, or a directory written by experiments/export_hf.py), else
-the directory's `tokenizer.json`; `--prompt_ids=1,2,3` bypasses it. Generation stops at the
-tokenizer's end-of-text (a workdir) or the config's eos_token_id (an HF directory).
+The tokenizer is the run's (a workdir) or the HF directory's (`k2jax.hf.load_tokenizer`);
+`--prompt_ids=1,2,3` bypasses it. Generation stops at the tokenizer's
+end-of-text (a workdir) or the config's eos_token_id (an HF directory). For K2's chat format and
+tool calls, use experiments/chat.py.
 """
 
 from __future__ import annotations
@@ -14,14 +15,11 @@ import json
 import pathlib
 import sys
 
-import ml_collections
-import tokenizers
 from absl import app, flags
-from export_hf import DATA_FILE, load_workdir
 
 import k2jax.hf
-from k2jax import data as data_lib
-from k2jax.generate import generate
+from k2jax.decode import generate
+from k2jax.train.workdir import load_latest
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory.")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory.")
@@ -34,33 +32,20 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STOP = flags.DEFINE_bool("stop", True, "Stop at the end-of-text token.")
 
 
-def _hf_dir_tokenizer(path: pathlib.Path):
-  """(encode, decode, vocabulary size) of the directory's tokenizer, or None without one."""
-  if (path / DATA_FILE).exists():
-    data_cfg = ml_collections.ConfigDict(json.loads((path / DATA_FILE).read_text()))
-    tok = data_lib.build_tokenizer(data_cfg, str(path))
-    return tok.encode, tok.decode, tok.vocab_size
-  if (path / "tokenizer.json").exists():
-    tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-    return (lambda s: tok.encode(s, add_special_tokens=False).ids,
-            lambda ids: tok.decode(ids, skip_special_tokens=False), tok.get_vocab_size())
-  return None
-
-
 def run() -> str:
   if (_WORKDIR.value is None) == (_HF_DIR.value is None):
     raise ValueError("give exactly one of --workdir and --hf_dir")
   if _WORKDIR.value is not None:
-    cfg, variables, tok, _ = load_workdir(_WORKDIR.value)
+    cfg, variables, tok, _ = load_latest(_WORKDIR.value)
     encode, decode, vocab, stop = tok.encode, tok.decode, tok.vocab_size, [tok.eos_id]
   else:
     path = pathlib.Path(_HF_DIR.value)
     cfg, variables = k2jax.hf.load(path)
-    found = _hf_dir_tokenizer(path)
-    if found is None and _PROMPT_IDS.value is None:
-      raise ValueError(f"{path}: no tokenizer ({DATA_FILE} or tokenizer.json); "
-                       "pass --prompt_ids")
-    encode, decode, vocab = found or (None, None, cfg.vocab_size)
+    tok = k2jax.hf.load_tokenizer(path)
+    if tok is None and _PROMPT_IDS.value is None:
+      raise ValueError(f"{path}: no tokenizer files; pass --prompt_ids")
+    encode, decode, vocab = ((tok.encode, tok.decode, tok.vocab_size) if tok is not None
+                             else (None, None, cfg.vocab_size))
     eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
     stop = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
   vocab = min(vocab, cfg.vocab_size)
@@ -68,7 +53,7 @@ def run() -> str:
          else encode(_PROMPT.value))
   new = generate(cfg, variables, [ids], _NUM.value, temperature=_TEMPERATURE.value,
                  top_p=_TOP_P.value, seed=_SEED.value, stop_tokens=stop if _STOP.value else (),
-                 valid_vocab=vocab)[0]
+                 valid_vocab=vocab).tokens[0]
   if decode is None:
     return " ".join(map(str, ids + new))
   return decode(ids) + decode(new)

@@ -14,8 +14,8 @@ import importlib
 
 from k2jax import presets
 from k2jax.config import ModelConfig
+from k2jax.decode import generate
 from k2jax.flops import flops_per_token
-from k2jax.generate import generate
 from k2jax.model import Transformer, abstract_variables, init_variables, logical_axes
 from k2jax.model.counting import count_params
 from k2jax.optim import adamw, muon, muonclip

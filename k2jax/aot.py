@@ -5,7 +5,8 @@ of any TPU slice, and compiling for a mesh of them runs the real XLA TPU compile
 ever allocated: the train state, the batch and the serving cache are ShapeDtypeStructs.
 
 `topology(name)` -> (devices, chip); `topology_mesh(mesh_cfg, devices)` -> the k2jax mesh;
-`train_step_report(...)`, `prefill_report(...)`, `decode_report(...)` -> a `Report` per chip:
+`compile_report(...)` of any jitted program, `prefill_report(...)`, `decode_report(...)` and
+(in k2jax.train.aot, above the train step) `train_step_report(...)` -> a `Report` per chip:
 memory against HBM (or "does not fit" with the compiler's reason), compiled FLOPs against the
 FLOP model, collective bytes by kind, and a step-time estimate.
 
@@ -36,12 +37,9 @@ from jax.sharding import PartitionSpec as P
 
 from k2jax import hlo, sharding
 from k2jax.config import ModelConfig
-from k2jax.flops import activated_matmul_params, attention_flops_per_token, flops_per_token
+from k2jax.flops import flops_per_token
 from k2jax.model import Transformer, abstract_variables, partitioning
 from k2jax.model.transformer import init_cache
-from k2jax.plan import newton_schulz_flops_per_device
-from k2jax.train.state import init_state, state_shardings
-from k2jax.train.step import make_train_step
 
 GIB = 2**30
 
@@ -265,42 +263,6 @@ def compile_report(program: str, fn: Callable, args: Sequence, mesh: Mesh, chip:
                 flops=hlo.matmul_flops(text), memory_bytes=hlo.memory_bytes(text),
                 collective_bytes=hlo.collective_bytes(text, mesh.size),
                 xla_optimal_seconds=cost.get("optimal_seconds"), compiled=compiled)
-
-
-def train_step_report(cfg: ModelConfig, tx, mesh: Mesh, chip: Chip, topology_label: str, *,
-                      batch_size: int, seq_len: int, muon: bool = True,
-                      **step_kwargs) -> Report:
-  """The real sharded train step (forward, backward, `tx` with QK-Clip, router bias) compiled
-  for `mesh`; `tx` should be built with the mesh's `param_shardings` (`muon`: whether it runs
-  Newton-Schulz); `step_kwargs` go to `make_train_step` (grad_accum, grad_clip,
-  bias_update_rate, ...)."""
-  partitioning.check_config(cfg, mesh.shape, batch_size)
-  state = jax.eval_shape(lambda: init_state(cfg, tx, 0))
-  shardings = state_shardings(cfg, tx, mesh)
-  step = make_train_step(cfg, tx, lambda s: 0.0, mesh=mesh, state_shardings=shardings,
-                         **step_kwargs)
-  batch = {"tokens": jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32)}
-  tokens = batch_size * seq_len
-  return compile_report("train step", step, (state, batch), mesh, chip, topology_label, tokens,
-                        flops_per_token(cfg, seq_len) * tokens,
-                        train_extra_flops(cfg, mesh.shape, tokens, seq_len, muon=muon))
-
-
-def train_extra_flops(cfg: ModelConfig, mesh_shape: Mapping[str, int], tokens: int, seq_len: int,
-                      muon: bool = True) -> dict[str, float]:
-  """Per chip, the train step's work outside `flops_per_token`: the causal mask's skipped half
-  of q.k and p.v (the model computes every pair), remat "full"'s second forward of the layers,
-  and Muon's Newton-Schulz (`plan.newton_schulz_flops_per_device`)."""
-  chips = math.prod(mesh_shape.values())
-  attention = attention_flops_per_token(cfg, seq_len)  # causal: half of the pairs.
-  extra = {"unmasked attention": attention * tokens / chips}
-  if cfg.remat == "full":
-    head = cfg.hidden_size * cfg.vocab_size
-    forward = 2 * (activated_matmul_params(cfg) - head) + 2 / 3 * attention  # unmasked
-    extra["remat forward"] = forward * tokens / chips
-  if muon:
-    extra["Newton-Schulz"] = newton_schulz_flops_per_device(cfg, mesh_shape)
-  return extra
 
 
 def _serving_shardings(cfg: ModelConfig, mesh: Mesh, batch: int, context: int):

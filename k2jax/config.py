@@ -1,6 +1,6 @@
 """ModelConfig: the DeepSeek-V3 / Kimi K2 architecture with Hugging Face field names.
 
-Fields mirror `transformers.DeepseekV3Config` (see K2_SPEC §1); the extra fields at the end are
+Fields mirror `transformers.DeepseekV3Config`; the extra fields at the end are
 k2jax's own (compute dtype, init, MoE dispatch, scanning and remat). Every field is checked at
 construction and a bad one raises a one-line `ValueError` naming it.
 """
@@ -56,7 +56,6 @@ class ModelConfig:
   moe_block_size: int = 0  # rows per block of the sort path's block layout; 0: auto (dispatch.py).
   scan_layers: bool = True
   remat: str = "none"  # none | full | dots (save matmul outputs).
-  aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (DS-V3: 1e-4).
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
@@ -90,7 +89,6 @@ class ModelConfig:
     for name in ("routed_scaling_factor", "rms_norm_eps", "rope_theta", "init_std",
                  "capacity_factor"):
       _check(float(getattr(self, name)) > 0, name, f"must be positive, got {getattr(self, name)!r}")
-    _check(self.aux_loss_alpha >= 0, "aux_loss_alpha", f"must be >= 0, got {self.aux_loss_alpha}")
     _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
     _check(self.param_dtype in DTYPES, "param_dtype",
            f"must be one of {DTYPES}, got {self.param_dtype!r}")
@@ -147,7 +145,7 @@ def derive_routed_scaling_factor(n_experts: int, k: int, draws: int = 200_000,
   """Moonlight App. C recipe: mean of 1/sqrt(sum p^2) over normalised top-k sigmoid scores.
 
   Logits are standard normal; the k largest sigmoid scores are renormalised to sum 1.
-  (64, 6) -> 2.446 and (384, 8) -> 2.827 (K2_SPEC §1).
+  (64, 6) -> 2.446 (Moonlight) and (384, 8) -> 2.827 (Kimi K2).
   """
   rng = np.random.default_rng(seed)
   total, done = 0.0, 0
@@ -167,7 +165,7 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
-  """dq^-0.5, times mscale(factor, mscale_all_dim)^2 when YaRN is on (K2_SPEC §2)."""
+  """dq^-0.5, times mscale(factor, mscale_all_dim)^2 when YaRN is on (DeepSeek-V3)."""
   scale = cfg.qk_head_dim ** -0.5
   if cfg.rope_scaling is not None:
     m = yarn_mscale(cfg.rope_scaling["factor"], cfg.rope_scaling.get("mscale_all_dim", 0.0))

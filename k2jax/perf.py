@@ -1,7 +1,10 @@
-"""Timing helpers: median wall time of a jitted call and this machine's matmul peak."""
+"""Timing helpers: median wall time of a jitted call and this machine's matmul peak (cached)."""
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
 import statistics
 import time
 from collections.abc import Callable
@@ -32,3 +35,27 @@ def matmul_peak_flops(dtype=jnp.bfloat16, n: int = 2048, reps: int = 5) -> float
   b_NN = jax.random.normal(kb, (n, n), dtype)
   matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   return 2.0 * n**3 / time_fn(matmul, a_NN, b_NN, reps=reps)
+
+
+def cached_matmul_peak_flops(dtype=jnp.bfloat16) -> float:
+  """`matmul_peak_flops(dtype)` measured once per machine (backend, device kind, core count) and
+  kept in $K2JAX_CACHE_DIR (default ~/.cache/k2jax)/matmul_peak.json: what train logs MFU against,
+  without a benchmark at every start."""
+  device = jax.devices()[0]
+  key = f"{device.platform}:{device.device_kind}:{os.cpu_count()}:{jnp.dtype(dtype).name}"
+  path = pathlib.Path(os.environ.get("K2JAX_CACHE_DIR", pathlib.Path.home() / ".cache" / "k2jax"))
+  path = path / "matmul_peak.json"
+  try:
+    cache = json.loads(path.read_text())
+  except (OSError, ValueError):
+    cache = {}
+  if not isinstance(cache.get(key), float):
+    cache[key] = matmul_peak_flops(dtype)
+    try:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = path.with_suffix(f".tmp{os.getpid()}")
+      tmp.write_text(json.dumps(cache, indent=1))
+      tmp.replace(path)
+    except OSError:  # a read-only home still trains.
+      pass
+  return cache[key]

@@ -29,8 +29,7 @@ import numpy as np
 
 from k2jax import sharding
 from k2jax.config import ModelConfig
-from k2jax.model import abstract_variables, partitioning
-from k2jax.model import dispatch as dispatch_lib
+from k2jax.model import abstract_variables, expert_parallel, partitioning
 from k2jax.optim.newton_schulz import newton_schulz_flops
 from k2jax.optim.roles import param_roles
 
@@ -159,7 +158,8 @@ def _activation_bytes(cfg: ModelConfig, mesh: dict[str, int], b: int, T: int) ->
   attn += 2 * b * H * T * T
   dense = n * (2 * D + 3 * cfg.intermediate_size // tp)
   K, E, F = cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.moe_intermediate_size // tp
-  rows = _routed_rows(cfg, n, ep)
+  rows = expert_parallel.routed_rows(n * K, E, ep, cfg.moe_dispatch, cfg.capacity_factor,
+                                     cfg.moe_block_size)
   moe = (n * (2 * D + 2 * E + 3 * cfg.n_shared_experts * cfg.moe_intermediate_size // tp)
          + rows * (D + 2 * F) + n * K * D)
   layers = [attn + dense] * cfg.num_dense_layers + [attn + moe] * cfg.num_moe_layers
@@ -171,27 +171,6 @@ def _activation_bytes(cfg: ModelConfig, mesh: dict[str, int], b: int, T: int) ->
     saved = sum(layers)
   head = 2 * n * cfg.vocab_size // tp + 2 * n * D
   return (saved + max(layers) + head) * F32
-
-
-def _routed_rows(cfg: ModelConfig, n: int, ep: int) -> int:
-  """Rows the dispatch pushes through the experts on one device (padding included).
-
-  Expert-parallel: ep buffers of C rows arrive (C = all the device's assignments when dropless,
-  ceil(capacity_factor * assignments / ep) with "capacity") and run through the local experts
-  with the dropless dispatch. "sort" holds the larger of its two layouts (capacity, blocks).
-  """
-  E, bs, cf = cfg.n_routed_experts, cfg.moe_block_size, cfg.capacity_factor
-  rows, dispatch = n * cfg.num_experts_per_tok, cfg.moe_dispatch
-  if ep > 1:
-    rows = ep * (rows if dispatch != "capacity" else max(1, math.ceil(cf * rows / ep)))
-    E, dispatch = E // ep, "ragged" if dispatch == "ragged" else "sort"
-  if dispatch == "ragged":
-    return rows
-  capacity_rows = E * max(1, math.ceil(cf * rows / E))
-  if dispatch == "capacity":
-    return capacity_rows
-  bs = bs or dispatch_lib.auto_block_size(rows, E)
-  return max(capacity_rows, (-(-rows // bs) + E) * bs)
 
 
 def format_plan(p: MemoryPlan) -> str:

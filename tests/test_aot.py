@@ -1,5 +1,5 @@
-"""k2jax.aot: the real (two-layer k2_small) train step and serving compiled by the XLA TPU compiler for a
-v5p:2x2x1 slice on this CPU host (libtpu's compile-only devices)."""
+"""k2jax.aot: the real train step (two layers of k2_small) and serving, compiled by the XLA TPU
+compiler for a v5p:2x2x1 slice on this CPU host (libtpu's compile-only devices)."""
 
 import importlib.util
 import json
@@ -16,6 +16,7 @@ from k2jax import aot, optim, presets, sharding
 from k2jax.model import partitioning
 from k2jax.paths import path_str
 from k2jax.plan import memory_plan
+from k2jax.train import aot as train_aot
 from k2jax.train.state import TrainState
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -38,7 +39,7 @@ def compile_train(cfg, layout):
   mesh = aot.topology_mesh(layout, devices, TOPOLOGY)
   param_sh = partitioning.variable_shardings(cfg, mesh)["params"]
   tx = optim.muonclip(1e-3, model_config=cfg, param_shardings=param_sh)
-  return aot.train_step_report(cfg, tx, mesh, chip, TOPOLOGY, batch_size=B, seq_len=T,
+  return train_aot.train_step_report(cfg, tx, mesh, chip, TOPOLOGY, batch_size=B, seq_len=T,
                                grad_clip=1.0, bias_update_rate=1e-3)
 
 
@@ -91,7 +92,7 @@ def test_a_config_that_cannot_fit_reports_it():
   devices, chip = aot.topology(TOPOLOGY)
   mesh = aot.topology_mesh({"fsdp": 4}, devices, TOPOLOGY)
   tx = optim.adamw(1e-3)
-  r = aot.train_step_report(cfg, tx, mesh, chip, TOPOLOGY, batch_size=4, seq_len=65536,
+  r = train_aot.train_step_report(cfg, tx, mesh, chip, TOPOLOGY, batch_size=4, seq_len=65536,
                             muon=False)
   assert not r.fits and "memory" in r.error
   text = r.format()

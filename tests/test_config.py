@@ -20,7 +20,6 @@ from k2jax.model.counting import count_params
     (dict(q_lora_rank=0), "q_lora_rank"),
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
     (dict(first_k_dense_replace=9), "first_k_dense_replace"),
-    (dict(aux_loss_alpha=-1.0), "aux_loss_alpha"),
     (dict(moe_block_size=-8), "moe_block_size"),
 ])
 def test_validation_errors_are_one_line_and_name_the_field(changes, field):

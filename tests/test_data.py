@@ -1,4 +1,5 @@
-"""k2jax.data: sources and split, tokenizers, packing, determinism, resume, errors."""
+"""k2jax.data: sources and split, packing, determinism, resume, errors (tokenizers:
+test_tokenizers.py)."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from k2jax import data
-from k2jax.data import sources, tokenizers
+from k2jax.data import sources
 
 SEQ = 31  # rows of 32 tokens.
 
@@ -164,52 +165,6 @@ def test_bad_config_fields_are_named(corpus, tmp_path, field, value):
       data.make_iterator(cfg, data.ByteTokenizer(), "train", 2, SEQ, 0)
 
 
-# Tokenizers.
-
-TEXTS = ["", "hello world", "tab\tnew\nline", "é ß → 😀 中文", "\x00 nul", "lit <|endoftext|> x"]
-
-
-def test_byte_tokenizer_round_trip_and_separator():
-  tok = data.ByteTokenizer()
-  assert (tok.vocab_size, tok.eos_id, tok.name) == (257, 256, "byte")
-  for text in TEXTS:
-    ids = tok.encode(text)
-    assert ids == tok.encode_array(text).tolist() == list(text.encode("utf-8"))
-    assert tok.decode(ids) == text
-  assert tok.decode(tok.encode("a") + [256] + tok.encode("b")) == "a<|endoftext|>b"
-  assert tok.decode([0xFF, 0x41, 0xC3]) == "\ufffdA\ufffd"
-  with pytest.raises(ValueError, match="token id 257"):
-    tok.decode([1, 257])
-
-
-def test_bpe_tokenizer_trains_round_trips_and_is_cached(corpus, tmp_path, monkeypatch):
-  cfg = _cfg(corpus[0], tokenizer="bpe", bpe_vocab_size=300, bpe_train_bytes=20_000)
-  tok = data.build_tokenizer(cfg, str(tmp_path))
-  assert (tok.name, tok.vocab_size) == ("bpe", 300)
-  assert (tmp_path / "tokenizer.json").exists()
-  for text in TEXTS + list(corpus[1].values())[:5]:
-    ids = tok.encode(text)
-    assert tok.decode(ids) == text and tok.eos_id not in ids
-    assert tok.token_bytes[np.asarray(ids, int)].sum() == len(text.encode("utf-8"))
-  sample = "def f():\n\tabc klm"
-  assert len(tok.encode(sample)) < len(sample)  # merges learned.
-  assert tok.decode(tok.encode("a") + [tok.eos_id]) == "a<|endoftext|>"
-  monkeypatch.setattr(tokenizers, "train_bpe", lambda cfg: pytest.fail("retrained"))
-  again = data.build_tokenizer(cfg, str(tmp_path))
-  assert again.encode(sample) == tok.encode(sample)
-  cfg.bpe_vocab_size = 400
-  with pytest.raises(ValueError, match="tokenizer.json has 300 tokens but data.bpe_vocab_size"):
-    data.build_tokenizer(cfg, str(tmp_path))
-
-
-def test_bpe_vocab_too_large_for_corpus_is_an_error(tmp_path):
-  (tmp_path / "a.txt").write_text("ab " * 10)
-  (tmp_path / "b.txt").write_text("ba " * 10)
-  cfg = _cfg(tmp_path, tokenizer="bpe", bpe_vocab_size=2000)
-  with pytest.raises(ValueError, match="^data.bpe_vocab_size 2000: BPE training"):
-    data.build_tokenizer(cfg, str(tmp_path / "wd"))
-
-
 # Packing.
 
 
@@ -227,6 +182,26 @@ def test_validation_packs_documents_in_order_with_separators(corpus):
   np.testing.assert_array_equal(got, rows[: len(rows) // 2 * 2])
   forever = data.make_iterator(cfg, tok, "validation", 2, SEQ, 123)
   np.testing.assert_array_equal(np.concatenate(_take(forever, len(got) // 2)), got)
+
+
+def test_segment_attention_marks_each_document_piece(corpus):
+  """With data.segment_attention every row carries segment ids and positions: a segment is one
+  document piece (its separator included), positions restart at 0 in each, and the same tokens
+  come out as without the switch."""
+  root, _ = corpus
+  tok = data.ByteTokenizer()
+  plain = next(data.make_iterator(_cfg(root), tok, "validation", 4, SEQ, 0))
+  batch = next(data.make_iterator(_cfg(root, segment_attention=True), tok, "validation", 4, SEQ,
+                                  0))
+  assert set(batch) == {"tokens", "segment_ids", "positions"}
+  np.testing.assert_array_equal(batch["tokens"], plain["tokens"])
+  for toks, seg, pos in zip(batch["tokens"], batch["segment_ids"], batch["positions"]):
+    assert seg[0] == 1 and np.all(np.diff(seg) >= 0) and np.all(seg > 0)
+    starts = np.flatnonzero(np.diff(seg)) + 1
+    np.testing.assert_array_equal(pos[starts], 0)
+    # a new piece starts right after a separator (or continues a split document at row start)
+    assert np.all(toks[starts - 1] == tok.eos_id)
+    np.testing.assert_array_equal(np.diff(pos)[np.diff(seg) == 0], 1)
 
 
 def test_train_epoch_holds_every_document_once_then_reshuffles(corpus):
@@ -293,7 +268,7 @@ def test_bytes_per_token_counts_utf8_bytes_over_tokens(corpus, tmp_path):
   assert data.bytes_per_token(cfg, data.ByteTokenizer()) == pytest.approx(
     n_bytes / (n_bytes + len(val))
   )
-  bpe_cfg = _cfg(root, tokenizer="bpe", bpe_vocab_size=300)
+  bpe_cfg = _cfg(root, tokenizer="bpe", bpe_vocab_size=600)
   bpe = data.build_tokenizer(bpe_cfg, str(tmp_path))
   n_tokens = sum(len(bpe.encode(t)) + 1 for t in val)
   assert data.bytes_per_token(bpe_cfg, bpe) == pytest.approx(n_bytes / n_tokens)

@@ -30,7 +30,7 @@ def test_plain_q_proj():
 
 
 def test_kimi_k2_activated_params():
-  """K2_SPEC §1: counting every weight gives about 32.9B activated (embedding + norms included)."""
+  """Counting every weight gives about 32.9B activated (embedding + norms included)."""
   cfg = ModelConfig()
   D, L = cfg.hidden_size, cfg.num_hidden_layers
   norms = L * (2 * D + cfg.q_lora_rank + cfg.kv_lora_rank) + D

@@ -45,7 +45,7 @@ DSV3_HUB = {
     "rope_theta": 10000, "routed_scaling_factor": 2.5, "topk_group": 4, "vocab_size": 129280,
 }
 OWN_FIELDS = ("dtype", "param_dtype", "moe_dispatch", "capacity_factor", "moe_block_size",
-              "scan_layers", "remat", "aux_loss_alpha")
+              "scan_layers", "remat")
 TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
                    num_hidden_layers=3, num_attention_heads=2, n_routed_experts=8,
                    num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,

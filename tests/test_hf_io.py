@@ -25,9 +25,10 @@ from test_hf_parity import CASES, _hf_model, _tokens
 
 import k2jax.hf
 from k2jax.config import ModelConfig
+from k2jax.data.tokenizers import ByteTokenizer
 from k2jax.hf import from_torch_state_dict
 from k2jax.model import Transformer, abstract_variables
-from k2jax.train import build_optimizer, default_config, init_state, make_schedule, model_config
+from k2jax.train import build_optimizer, default_config, init_state, model_config
 from k2jax.train.checkpoint import Checkpointer
 
 
@@ -315,10 +316,7 @@ def test_export_of_a_training_workdir_loads_in_transformers(tmp_path):
   workdir.mkdir()
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   cfg = model_config(config, 257)
-  o = config.optimizer
-  tx = build_optimizer(config, cfg, make_schedule(o.schedule, o.lr, config.train.steps,
-                                                  o.warmup_steps, o.decay_fraction,
-                                                  o.final_lr_fraction))
+  tx, _ = build_optimizer(config, cfg)
   state = init_state(cfg, tx, seed=7)
   rng = np.random.default_rng(0)  # a non-zero router bias, as training leaves it.
   state = state.replace(router=jax.tree.map(
@@ -327,7 +325,8 @@ def test_export_of_a_training_workdir_loads_in_transformers(tmp_path):
   ckpt.save(5, state, {})
   ckpt.close()
   out = export_hf.export(str(workdir), str(tmp_path / "hf"), max_shard_size="100KB")
-  assert (out / "model.safetensors.index.json").exists() and (out / export_hf.DATA_FILE).exists()
+  assert (out / "model.safetensors.index.json").exists()
+  assert isinstance(k2jax.hf.load_tokenizer(out), ByteTokenizer)
   hf_config = json.loads((out / "config.json").read_text())
   assert hf_config["eos_token_id"] == 256 and hf_config["bos_token_id"] is None
   tokens = np.random.default_rng(1).integers(0, 257, (2, 12))

@@ -228,6 +228,17 @@ def test_mtp_layers_are_skipped():
     from_torch_state_dict(cfg, mtp)
 
 
+def test_recomputed_rope_buffers_are_skipped():
+  """`named_buffers()` adds rotary_emb.inv_freq (and original_inv_freq), recomputed from the
+  config: skipped like transformers does, with the same variables as the plain state dict."""
+  cfg = CASES["qlora_yarn"]
+  model = _hf_model(cfg)
+  buffers = {k: v.numpy() for k, v in model.named_buffers()}
+  assert any(k.endswith("rotary_emb.inv_freq") for k in buffers)
+  _assert_same_tree(from_torch_state_dict(cfg, {**_numpy_sd(model), **buffers}),
+                    from_torch_state_dict(cfg, _numpy_sd(model)))
+
+
 def test_errors_name_the_tensor():
   cfg = CASES["qlora_yarn"]
   sd = _numpy_sd(_hf_model(cfg))

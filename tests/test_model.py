@@ -16,7 +16,7 @@ def rms(x, scale, eps):
   return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * scale
 
 
-def brute_force_logits(p, x, cfg):
+def brute_force_logits(p, x, cfg, pos=None):
   """All pre-softmax logits [B, H, T, S] of one MLA layer in float64 from its parameters."""
   H, dn, dr = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
@@ -26,7 +26,7 @@ def brute_force_logits(p, x, cfg):
   kv = x @ p["kv_a"]["kernel"]
   c, k_pe = kv[..., :cfg.kv_lora_rank], kv[..., cfg.kv_lora_rank:]
   k_nope = (rms(c, p["kv_a_norm"]["scale"], 1e-6) @ p["kv_b"]["kernel"]).reshape(B, T, H, -1)
-  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T)) if pos is None else pos
   q_pe = np.asarray(apply_rope(jnp.asarray(q[..., dn:], jnp.float32), pos, cfg), np.float64)
   k_pe = np.asarray(apply_rope(jnp.asarray(k_pe[:, :, None], jnp.float32), pos, cfg), np.float64)
   logits = np.einsum("bthd,bshd->bhts", q[..., :dn], k_nope[..., :dn])
@@ -77,7 +77,7 @@ def test_aux_shapes_and_expert_load_counts():
   assert logits.shape == (3, 7, cfg.vocab_size) and logits.dtype == jnp.float32
   assert aux["expert_load"].shape == (cfg.num_moe_layers, cfg.n_routed_experts)
   np.testing.assert_array_equal(aux["expert_load"].sum(-1), 3 * 7 * cfg.num_experts_per_tok)
-  assert float(aux["dropped_frac"]) == 0.0 and float(aux["balance_loss"]) == 0.0
+  assert float(aux["dropped_frac"]) == 0.0 and aux["balance_loss"].shape == (3,)
 
 
 def loss_fn(params, router, cfg, tokens):
@@ -144,3 +144,61 @@ def test_nano_overfits_one_batch_with_gradient_descent():
     losses.append(float(loss))
   assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
   assert min(losses) < 0.3 * float(first), (float(first), losses)
+
+
+def test_packed_segments_equal_each_sequence_alone():
+  """A row packing A | B | padding gives A's and B's logits as if each ran alone (full model, MoE
+  routing included); a padding row changes nothing; cross-segment pairs never enter max_logits
+  (B's first key is made huge: only A's queries could see it without the segment mask); the
+  expert load counts no padding; gradients through padding stay finite."""
+  cfg = presets.get("k2_nano", init_std=0.1, num_hidden_layers=2)
+  v = init_variables(cfg, 0)
+  rng = np.random.default_rng(0)
+  a, b = rng.integers(0, cfg.vocab_size, 7), rng.integers(0, cfg.vocab_size, 5)
+  apply = jax.jit(Transformer(cfg).apply)
+  alone_a, aux_a = apply(v, jnp.asarray([a]))
+  alone_b, aux_b = apply(v, jnp.asarray([b]))
+  tokens = np.zeros((2, 16), np.int32)
+  tokens[0, :12] = np.concatenate([a, b])
+  seg = np.zeros((2, 16), np.int32)
+  seg[0, :7], seg[0, 7:12] = 1, 2
+  pos = np.zeros((2, 16), np.int32)
+  pos[0, :12] = np.concatenate([np.arange(7), np.arange(5)])
+  packed, aux = apply(v, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg))
+  scale = float(jnp.max(jnp.abs(alone_a)))
+  np.testing.assert_allclose(packed[0, :7], alone_a[0], atol=1e-5 * scale)
+  np.testing.assert_allclose(packed[0, 7:12], alone_b[0], atol=1e-5 * scale)
+  np.testing.assert_allclose(aux["max_logits"], jnp.maximum(aux_a["max_logits"],
+                                                             aux_b["max_logits"]), rtol=1e-5)
+  np.testing.assert_array_equal(aux["expert_load"], aux_a["expert_load"] + aux_b["expert_load"])
+  # The same row next to a different padding row (all segment 0) is unchanged.
+  other = tokens.copy()
+  other[1] = rng.integers(0, cfg.vocab_size, 16)
+  again, aux2 = apply(v, jnp.asarray(other), jnp.asarray(pos), jnp.asarray(seg))
+  np.testing.assert_array_equal(again[0], packed[0])
+  np.testing.assert_array_equal(aux2["max_logits"], aux["max_logits"])
+
+  def loss(params):
+    logits, _ = Transformer(cfg).apply({**v, "params": params}, jnp.asarray(tokens),
+                                       jnp.asarray(pos), jnp.asarray(seg))
+    return jnp.sum(logits[0, :12] ** 2)
+
+  grads = jax.jit(jax.grad(loss))(v["params"])
+  assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+def test_max_logits_skip_pairs_across_segments():
+  """A huge key in segment 1: the recorded max logit is the float64 max over same-segment causal
+  pairs, which differs from the max over all causal pairs (segment 2's queries would see it)."""
+  cfg = presets.get("k2_nano", init_std=0.2, num_hidden_layers=1, first_k_dense_replace=1)
+  p0 = jax.tree.map(lambda a: a[0], init_variables(cfg, 0)["params"]["dense_layers"]["attn"])
+  x = jax.random.normal(jax.random.key(0), (1, 10, cfg.hidden_size))
+  x = x.at[0, 1].multiply(40.0)  # its rotary key (not normalised) grows 40x.
+  seg = np.array([1, 1, 1, 2, 2, 2, 2, 2, 2, 2])
+  pos = np.array([0, 1, 2, 0, 1, 2, 3, 4, 5, 6])
+  _, max_h = jax.jit(MLA(cfg).apply)({"params": p0}, x, jnp.asarray([pos]), jnp.asarray([seg]))
+  logits = brute_force_logits(p0, np.asarray(x, np.float64), cfg, jnp.asarray([pos]))[0]
+  causal = np.tril(np.ones((10, 10), bool))
+  want = np.where(causal & (seg[:, None] == seg[None, :]), logits, -np.inf).max(axis=(1, 2))
+  np.testing.assert_allclose(max_h, want, rtol=1e-4)
+  assert not np.allclose(want, np.where(causal, logits, -np.inf).max(axis=(1, 2)), rtol=1e-2)

@@ -48,22 +48,28 @@ def test_select_experts_matches_reference_and_bias_only_selects(n_group, topk_gr
 
 
 def test_balance_loss_matches_formula():
+  """Per sequence, over its valid tokens only: padding changes neither f nor P."""
   cfg = presets.get("k2_nano")
   rng = np.random.default_rng(2)
   B, S, E, k = 2, 8, cfg.n_routed_experts, cfg.num_experts_per_tok
   scores = 1 / (1 + np.exp(-rng.standard_normal((B, S, E))))
   idx = np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(S)]) for _ in range(B)])
-  want = 0.0
+  valid = np.ones((B, S))
+  valid[1, 5:] = 0  # row 1 ends in padding.
+  want = []
   for b in range(B):
-    f = np.bincount(idx[b].ravel(), minlength=E) * E / (k * S)
-    p = (scores[b] / scores[b].sum(-1, keepdims=True)).mean(0)
-    want += (f * p).sum() / B
-  got = balance_loss(jnp.asarray(scores, jnp.float32), jnp.asarray(idx), cfg)
-  assert float(got) == pytest.approx(want, rel=1e-5)
+    n = int(valid[b].sum())
+    f = np.bincount(idx[b, :n].ravel(), minlength=E) * E / (k * n)
+    p = (scores[b, :n] / scores[b, :n].sum(-1, keepdims=True)).mean(0)
+    want.append((f * p).sum())
+  got = balance_loss(jnp.asarray(scores, jnp.float32), jnp.asarray(idx),
+                     jnp.asarray(valid, jnp.float32), cfg)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
   # A perfectly uniform router scores 1.
   uniform = jnp.full((1, E, E), 0.5)
   assert float(balance_loss(uniform, jnp.arange(E).reshape(1, E, 1).repeat(k, -1) % E,
-                            cfg.replace(num_experts_per_tok=k))) == pytest.approx(1.0)
+                            jnp.ones((1, E)), cfg.replace(num_experts_per_tok=k))[0]) == (
+      pytest.approx(1.0))
 
 
 def test_router_bias_update_rule():

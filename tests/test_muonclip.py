@@ -129,7 +129,7 @@ def test_training_steps_reduce_loss_and_report_metrics():
   assert float(metrics["update_rms/adamw"]) > 0
 
 
-def test_no_clip_is_muon_and_metrics_errors():
+def test_no_clip_is_muon_and_foreign_states_have_no_metrics():
   params = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((8, 12)), jnp.float32),
             "final_norm": {"scale": jnp.ones(8)}}
   grads = jax.tree.map(lambda p: p * 0.5 + 0.1, params)
@@ -138,8 +138,34 @@ def test_no_clip_is_muon_and_metrics_errors():
     updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     outs.append(updates)
   jax.tree.map(np.testing.assert_array_equal, *outs)
-  with pytest.raises(ValueError, match="no k2jax optimizer state"):
-    ko.optimizer_metrics(optax.adam(1e-3).init(params))
+  assert ko.optimizer_metrics(optax.adam(1e-3).init(params)) == {}
+
+
+def test_params_straight_from_model_init_are_accepted():
+  """flax's boxed params (LogicallyPartitioned from model.init) take the same MuonClip step as
+  k2jax.init_variables' plain arrays, and the updates come back boxed."""
+  import flax.linen as nn
+
+  cfg = presets.get("k2_nano", num_hidden_layers=2)
+  boxed = Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  plain = nn.meta.unbox(boxed)
+  tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+
+  def loss(params, variables):
+    logits, aux = Transformer(cfg).apply({**variables, "params": params}, tokens[:, :-1])
+    return jnp.mean(logits ** 2), aux["max_logits"]
+
+  tx = ko.muonclip(1e-2, model_config=cfg, qk_clip_tau=0.05)  # some heads clip.
+  results = []
+  for variables in (boxed, plain):
+    grads, max_logits = jax.jit(jax.grad(loss, has_aux=True))(variables["params"], variables)
+    updates, state = tx.update(grads, tx.init(variables["params"]), variables["params"],
+                               max_logits=max_logits)
+    results.append((optax.apply_updates(variables["params"], updates), state))
+  (new_boxed, s_boxed), (new_plain, s_plain) = results
+  assert isinstance(new_boxed["embed"]["embedding"], nn.LogicallyPartitioned)
+  jax.tree.map(np.testing.assert_array_equal, nn.meta.unbox(new_boxed), new_plain)
+  assert int(jnp.sum(ko.optimizer_metrics(s_boxed)["qk_clip/clipped_heads"])) > 0
 
 
 def test_update_traces_beyond_int32_weights():

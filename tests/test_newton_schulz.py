@@ -13,7 +13,7 @@ SHAPES = [(32, 96), (96, 32), (64, 64)]
 
 
 def ns_numpy(x, steps=5, coeffs=NS_COEFFS, eps=1e-7):
-  """The reference iteration in float64 (K2_SPEC §4)."""
+  """The reference iteration in float64 (Keller Jordan's Muon)."""
   x = np.asarray(x, np.float64)
   tall = x.shape[0] > x.shape[1]
   x = x.T if tall else x

@@ -1,4 +1,4 @@
-"""Every notebook executes in smoke mode (K2JAX_SMOKE=1), all four at once in kernel processes."""
+"""Every notebook executes in smoke mode (K2JAX_SMOKE=1), all five at once in kernel processes."""
 
 import os
 import pathlib
@@ -30,10 +30,10 @@ def runs():
       p.kill()
 
 
-def test_there_are_four_notebooks_stored_without_outputs():
+def test_there_are_five_notebooks_stored_without_outputs():
   import nbformat
 
-  assert [nb.stem[:2] for nb in NOTEBOOKS] == ["01", "02", "03", "04"]
+  assert [nb.stem[:2] for nb in NOTEBOOKS] == ["01", "02", "03", "04", "05"]
   for nb in NOTEBOOKS:
     book = nbformat.read(nb, as_version=4)
     assert "find_spec(\"k2jax\")" in book.cells[1].source, f"{nb.name}: no install cell"

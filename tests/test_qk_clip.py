@@ -39,7 +39,7 @@ def rms_norm(x, scale):
 
 
 def mla_max_logits(attn, x_BTD, cfg):
-  """S_max [H] of one layer's MLA in float64 (K2_SPEC §2), attn: that layer's weights."""
+  """S_max [H] of one layer's MLA in float64 (DeepSeek-V3's MLA), attn: that layer's weights."""
   h, dn, dr = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
   w = {k: {n: np.asarray(a, np.float64) for n, a in v.items()} for k, v in attn.items()}
   if "q_proj" in w:

@@ -1,4 +1,4 @@
-"""The train step: router-bias balancing, grad accumulation parity, clipping, sampling."""
+"""The train step: router-bias balancing, grad accumulation parity, clipping, loss terms."""
 
 import jax
 import jax.numpy as jnp
@@ -7,10 +7,10 @@ import optax
 import pytest
 
 from k2jax import optim, presets
-from k2jax.model import Transformer, init_variables
-from k2jax.train import init_state, make_train_step, sample_tokens
+from k2jax.model import Transformer
+from k2jax.train import init_state, losses, make_train_step
 from k2jax.train.schedules import make_schedule
-from k2jax.train.step import _micro_batches
+from k2jax.train.step import _micro_batches, make_eval_step
 
 CFG = presets.get("k2_nano", vocab_size=64, hidden_size=64, num_hidden_layers=2,
                   n_routed_experts=8, num_experts_per_tok=2, routed_scaling_factor=1.5)
@@ -55,7 +55,9 @@ def test_bias_update_balances_a_skewed_router(rate, centered):
 
 def test_micro_batches_interleave_rows():
   tokens = jnp.arange(6)[:, None] * jnp.ones((1, 3), jnp.int32)
-  np.testing.assert_array_equal(_micro_batches(tokens, 2)[:, :, 0], [[0, 2, 4], [1, 3, 5]])
+  micro = _micro_batches({"tokens": tokens, "loss_mask": tokens * 2.0}, 2)
+  np.testing.assert_array_equal(micro["tokens"][:, :, 0], [[0, 2, 4], [1, 3, 5]])
+  np.testing.assert_array_equal(micro["loss_mask"][:, :, 0], [[0, 4, 8], [2, 6, 10]])
 
 
 @pytest.mark.slow
@@ -90,13 +92,62 @@ def test_grad_clip_scales_the_gradient_to_the_bound():
   assert moved == pytest.approx(1e-3, rel=1e-3)
 
 
-def test_greedy_sample_is_the_argmax_of_the_forward_pass():
-  variables = init_variables(CFG, 0)
-  prompt = [1, 2, 3]
-  ids = sample_tokens(CFG, variables, prompt, 6, num_valid=50)
-  assert len(ids) == 6 and max(ids) < 50
-  logits_1TV, _ = Transformer(CFG).apply(variables, jnp.asarray([prompt + ids]))
-  np.testing.assert_array_equal(jnp.argmax(logits_1TV[0, 2:-1, :50], -1), ids)
-  hot = sample_tokens(CFG, variables, prompt, 6, temperature=1.0, rng=jax.random.PRNGKey(1),
-                      num_valid=50)
-  assert len(hot) == 6 and max(hot) < 50
+def test_masked_loss_is_the_mean_over_the_weighted_targets():
+  """Half the targets masked: the loss is the cross-entropy of the other half alone; an all-zero
+  mask gives a defined 0 with zero gradients, not NaN."""
+  variables = init_state(CFG, optax.with_extra_args_support(optax.sgd(0.0)), seed=0)
+  batch = _batch(3)
+  mask = np.zeros(batch["tokens"].shape, np.float32)
+  mask[:, 9:] = 1.0  # targets 9..16: the second half of each row.
+  evaluate = make_eval_step(CFG)
+  got = evaluate(variables.params, variables.router, {**batch, "loss_mask": jnp.asarray(mask)})
+  logits, _ = jax.jit(Transformer(CFG).apply)({"params": variables.params,
+                                               "router": variables.router},
+                                              batch["tokens"][:, :-1])
+  logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)), np.float64)
+  nll = -np.take_along_axis(logp, np.asarray(batch["tokens"])[:, 1:, None], -1)[..., 0]
+  assert float(got["cross_entropy"]) == pytest.approx(nll[:, 8:].mean(), rel=1e-5)
+  assert float(got["loss"]) == pytest.approx(nll[:, 8:].mean(), rel=1e-5)
+  assert float(got["cross_entropy"]) != pytest.approx(nll.mean(), rel=1e-3)
+  sched = make_schedule("constant", 1.0, 100, 0)
+  tx = optax.with_extra_args_support(optax.sgd(1.0))
+  zero = {**batch, "loss_mask": jnp.zeros(batch["tokens"].shape)}
+  new, m = make_train_step(CFG, tx, sched)(_state(tx), zero)
+  assert float(m["loss"]) == 0.0 and float(m["cross_entropy"]) == 0.0
+  assert float(m["grad_norm"]) == 0.0
+
+
+def test_accumulation_weighs_masked_micro_batches_like_the_whole_batch():
+  """Micro-batches with very different numbers of weighted targets: the accumulated step equals
+  one step on the whole batch (the per-term counts come from the whole batch)."""
+  sched = make_schedule("constant", 1e-2, 100, 0)
+  mask = np.ones((8, 17), np.float32)
+  mask[0::2, :14] = 0.0  # rows of micro-batch 0 keep 3 targets each, micro-batch 1 all 16.
+  batch = {**_batch(5), "loss_mask": jnp.asarray(mask)}
+  weights = {"cross_entropy": 1.0, "balance": 1e-2}
+  out = []
+  for accum in (1, 2):
+    tx = optim.muonclip(sched, model_config=CFG, ns_dtype=jnp.float32)
+    step = make_train_step(CFG, tx, sched, loss_weights=weights, grad_accum=accum)
+    out.append(step(_state(tx), batch))
+  (s1, m1), (s2, m2) = out
+  for key in ("loss", "cross_entropy", "balance", "grad_norm"):
+    assert float(m2[key]) == pytest.approx(float(m1[key]), rel=2e-5), key
+  assert float(m1["balance"]) > 0.5  # the term is live and summed over the MoE layers.
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
+def test_unknown_loss_terms_and_bad_weights_are_refused():
+  tx = optax.with_extra_args_support(optax.sgd(1.0))
+  with pytest.raises(ValueError, match=r"^config.loss.mtpp is not a loss term \(known: "):
+    make_train_step(CFG, tx, lambda s: 1.0, loss_weights={"mtpp": 1.0})
+  with pytest.raises(ValueError, match=r"^config.loss.balance must be a number >= 0, got -1"):
+    make_train_step(CFG, tx, lambda s: 1.0, loss_weights={"cross_entropy": 1.0, "balance": -1})
+
+
+def test_target_weights_stop_at_segment_boundaries_and_padding():
+  seg = jnp.asarray([[1, 1, 1, 2, 2, 0, 0]])
+  batch = {"tokens": jnp.zeros((1, 7), jnp.int32), "segment_ids": seg,
+           "loss_mask": jnp.asarray([[0, 1, 1, 1, 0.5, 1, 1]])}
+  np.testing.assert_array_equal(losses.target_weights(batch), [[1, 1, 0, 0.5, 0, 0]])

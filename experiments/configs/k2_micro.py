@@ -1,9 +1,8 @@
-r"""k2_micro (~17M params, 32 experts, top-4) with MuonClip on the stdlib corpus, 4096-token BPE.
+r"""k2_micro (~17M params, 32 experts, top-4) with MuonClip on the stdlib corpus, 4096-id BPE.
 
   python experiments/train.py --config=experiments/configs/k2_micro.py --workdir=workdirs/k2_micro
 
-Result: not measured to the end yet. Measured so far: the BPE trains in about a minute, then
-0.8k tokens/s (6% MFU) on 2 busy CPU cores, so these 8M tokens take roughly 2-3 hours on a CPU.
+An hours-long run on a CPU (8M tokens); its throughput is in benchmarks/RESULTS.md.
 """
 
 from k2jax.train import default_config

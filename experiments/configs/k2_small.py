@@ -1,9 +1,8 @@
-r"""k2_small (~130M params, 64 experts, top-8 + 1 shared) with MuonClip, 8192-token BPE.
+r"""k2_small (~130M params, 64 experts, top-8 + 1 shared) with MuonClip, 8192-id BPE.
 
   python experiments/train.py --config=experiments/configs/k2_small.py --workdir=workdirs/k2_small
 
-Result: not measured yet. 330M tokens is an accelerator-sized run; on 2 CPU cores see
-benchmarks/train_throughput.py for the step time of this model.
+330M tokens: an accelerator-sized run; benchmarks/train_throughput.py times its step.
 """
 
 from k2jax.train import default_config

@@ -10,9 +10,8 @@ keeps 64 heads.
 Here: hidden 128 with 2 and 4 layers, heads = layers or 2x layers (head dims fixed, so more
 heads also means wider MLA projections and more FLOPs). Analysis: eval loss against FLOPs per
 arm and the relative loss change of 2x heads at each depth.
-Budget: 4 runs of 400 steps x 16 x 128 tokens (3.3M tokens); measured on the 2 cores: 1.5-3.5
-minutes per point, about 9 minutes in all. Result obtained (experiments/REPORT.md): not
-reproduced; 2x heads eval loss -0.8% (2 layers) / +0.2% (4 layers), train loss +1.7-1.9%.
+Budget: 4 runs of 400 steps x 16 x 128 tokens (3.3M tokens).
+Result and wall time: experiments/REPORT.md.
 """
 
 from k2jax.train import default_config

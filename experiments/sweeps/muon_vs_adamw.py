@@ -12,11 +12,8 @@ Here: K2-shaped models from 0.14M to 1.23M activated parameters (byte tokens, Py
 library), each trained for the same token budget with both optimizers at lr 3e-3 and wd 0.1 (the
 lr of the k2_nano demo; not re-tuned per optimizer, as in the paper's claim). Analysis: eval loss
 against training FLOPs per optimizer, fitted power laws and C(MuonClip) / C(AdamW) at equal loss.
-Budget: 8 runs of 300 steps x 16 x 128 tokens (4.9M tokens); measured on the 2 cores (partly
-shared): 1-6 minutes per point, about 25 minutes in all. Result obtained (experiments/REPORT.md):
-train loss (last 10%, unseen batches) MuonClip ahead at 3 of 4 sizes, by up to 9% at the largest,
-C(MuonClip) / C(AdamW) 0.53-0.98 depending on the loss; eval loss on held-out files AdamW ahead
-by 1-3% (ratio 1.42); peak max logits about half AdamW's.
+Budget: 8 runs of 300 steps x 16 x 128 tokens (4.9M tokens).
+Result and wall time: experiments/REPORT.md.
 """
 
 from k2jax.train import default_config

@@ -11,9 +11,8 @@ Here: a k2_nano-shaped model (hidden 128, 4 layers, 3 MoE layers) with top-2 rou
 (total / activated) is 2 / 4 / 8 / 16; activated FLOPs are equal across sparsity (only the router
 grows), and the budgets are 200 and 400 steps x 16 x 128 tokens. Analysis: eval loss against
 FLOPs per expert count, C(E) / C(E=4) at equal loss, and loss against sparsity per budget.
-Budget: 8 runs, 4.9M tokens in all; measured on the 2 cores: 1.5-3 minutes per point, about 20
-minutes in all. Result obtained (experiments/REPORT.md): every sparser model 0.6-2.0% lower train
-loss than 4 experts at both budgets, FLOPs multipliers only 0.98-1.00; eval loss mixed (+-2%).
+Budget: 8 runs, 4.9M tokens in all.
+Result and wall time: experiments/REPORT.md.
 """
 
 from k2jax.train import default_config

@@ -3,6 +3,8 @@
 MapDataset of documents -> shuffle (train; reshuffled every epoch) -> repeat -> map(read and
 tokenise, separator appended) -> to_iter_dataset (read-ahead threads) -> ConcatThenSplit packing
 into rows of seq_len + 1 tokens -> window shuffle of rows (train) -> batch -> background prefetch.
+With `data.segment_attention` the batches also carry the packer's `segment_ids` (1, 2, ... per
+document piece in a row, 0 for padding) and `positions` (restarting at 0 in each piece).
 A document is read and tokenised only when the packer reaches it. The iterator's state is a small
 JSON-serialisable dict: restoring it re-reads at most the current window's documents.
 """
@@ -35,7 +37,8 @@ class _ReadAndTokenize:
 
 
 class DataIterator:
-  """Yields {"tokens": int32 [batch_size, seq_len + 1]}; get_state() is JSON-serialisable."""
+  """Yields {"tokens": int32 [batch_size, seq_len + 1]} (plus "segment_ids" and "positions" of
+  the same shape with data.segment_attention); get_state() is JSON-serialisable."""
 
   def __init__(self, it: grain.DatasetIterator):
     self._holder = [it]  # the finalizer's reference too: it empties it.
@@ -110,11 +113,15 @@ def make_iterator(
   rows = grain.experimental.ConcatThenSplitIterDataset(rows, length_struct={"tokens": seq_len + 1})
   if num_epochs is not None:  # the last row of a finite stream is zero-padded: drop it.
     rows = rows.filter(lambda r: r["tokens_segment_ids"][-1] != 0)
-  rows = rows.map(lambda r: r["tokens"])
+  if sources.field(data_cfg, "segment_attention"):
+    rows = rows.map(lambda r: {"tokens": r["tokens"], "segment_ids": r["tokens_segment_ids"],
+                               "positions": r["tokens_positions"]})
+  else:
+    rows = rows.map(lambda r: {"tokens": r["tokens"]})
   window = sources.field(data_cfg, "shuffle_window")
   if train and window > 1:
     rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=window, seed=row_seed)
-  batches = rows.batch(batch_size, drop_remainder=True).map(lambda t: {"tokens": t})
+  batches = rows.batch(batch_size, drop_remainder=True)
   prefetch = sources.field(data_cfg, "prefetch_batches")
   if prefetch:
     batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)

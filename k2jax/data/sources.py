@@ -14,14 +14,22 @@ Data config fields (`default_data_config()`):
     A document's split is decided by a hash of its path relative to the source's root (plus its
     line number for JSONL), so it is the same on every machine and does not move when files
     are added.
-  tokenizer: "byte" (ids 0..255 bytes, 256 the separator) | "bpe" (byte-level BPE).
-  bpe_vocab_size: vocabulary of the BPE tokenizer, separator included.
+  tokenizer: a name in k2jax.data.tokenizers.BUILDERS: "byte" (ids 0..255 bytes, 256 the
+    separator), "kimi" (Kimi K2's tokenizer from tokenizer_path) or "bpe" (a K2-format byte-level
+    BPE trained on the training split, kept in <workdir>/tokenizer/).
+  tokenizer_path: the directory (tiktoken.model, tokenizer_config.json) of the "kimi" tokenizer,
+    e.g. a Kimi K2 checkpoint.
+  bpe_vocab_size: vocabulary of the "bpe" tokenizer: byte ranks + merges + K2's 256 special ids.
   bpe_train_bytes: bytes of the training split (a fixed pseudo-random sample of its documents)
-    the BPE tokenizer is trained on.
+    the "bpe" tokenizer is trained on.
   shuffle_window: training rows are shuffled within windows of this many packed rows (documents
     are shuffled too, every epoch); 0 or 1 turns the row shuffle off.
   read_threads: threads reading and tokenising documents ahead of the packer (0: inline).
   prefetch_batches: batches assembled ahead in a background thread (0: none).
+  segment_attention: batches carry `segment_ids` and `positions`, so packed documents never
+    attend to each other and each starts at position 0. Off for pretraining (the common choice:
+    documents are separated by an end-of-text token and a row is one context, which is also what
+    the reported runs used); on for chat and SFT data, whose conversations are independent.
 """
 
 from __future__ import annotations
@@ -38,7 +46,6 @@ import ml_collections
 import numpy as np
 
 STDLIB = "python_stdlib"
-TOKENIZERS = ("byte", "bpe")
 SPLITS = ("train", "validation")
 
 _DEFAULTS = dict(
@@ -46,11 +53,13 @@ _DEFAULTS = dict(
   text_key="text",
   val_fraction=0.02,
   tokenizer="byte",
+  tokenizer_path="",
   bpe_vocab_size=4096,
   bpe_train_bytes=4_000_000,
   shuffle_window=1024,
   read_threads=2,
   prefetch_batches=2,
+  segment_attention=False,
 )
 
 
@@ -62,16 +71,18 @@ def default_data_config() -> ml_collections.ConfigDict:
 def field(data_cfg: Any, name: str) -> Any:
   """`data_cfg.<name>`, its default when absent, checked; a bad value raises a ValueError."""
   value = getattr(data_cfg, name, _DEFAULTS[name])
-  if name in ("source", "text_key"):
+  if name in ("source", "text_key", "tokenizer"):
     ok, want = isinstance(value, str) and bool(value), "a non-empty string"
+  elif name == "tokenizer_path":
+    ok, want = isinstance(value, str), "a string"
   elif name == "val_fraction":
     ok, want = isinstance(value, (int, float)) and 0 < value < 1, "in (0, 1)"
-  elif name == "tokenizer":
-    ok, want = value in TOKENIZERS, f"one of {TOKENIZERS}"
   elif name == "bpe_vocab_size":
-    ok, want = is_int(value) and value >= 258, "an integer >= 258 (256 bytes + separator + 1)"
+    ok, want = is_int(value) and value >= 513, "an integer >= 513 (256 bytes + 256 specials + 1)"
   elif name == "bpe_train_bytes":
     ok, want = is_int(value) and value > 0, "a positive integer"
+  elif name == "segment_attention":
+    ok, want = isinstance(value, bool), "True or False"
   else:
     ok, want = is_int(value) and value >= 0, "a non-negative integer"
   if not ok:

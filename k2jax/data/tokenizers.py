@@ -1,24 +1,90 @@
-"""Tokenizers: byte-level (ids 0..255 are bytes, 256 the separator) and byte-level BPE.
+"""Tokenizers: a small protocol, a registry of builders, and Kimi K2's tiktoken BPE.
 
-Both decode the separator as EOS_TEXT and invalid UTF-8 with errors="replace". The BPE is trained
-with Hugging Face `tokenizers` on a fixed sample of the training split, saved to
-<workdir>/tokenizer.json and reused from there when present.
+Every tokenizer has `name`, `vocab_size`, `eos_id` (the separator the pipeline appends after each
+document), `token_bytes` (UTF-8 bytes of each id, 0 for special tokens), `encode(text)`,
+`encode_array(text)` (int32) and `decode(ids)` (invalid UTF-8 replaced). `BUILDERS` maps
+`data.tokenizer` to a builder(data_cfg, workdir); adding a tokenizer adds an entry here:
+
+  byte  UTF-8 bytes are ids 0..255, id 256 separates documents.
+  kimi  Kimi K2's tokenizer, read from the checkpoint directory `data.tokenizer_path`.
+  bpe   a K2-format byte-level BPE of `data.bpe_vocab_size` ids trained on the training split,
+        saved to (and reused from) <workdir>/tokenizer/.
+
+K2's tokenizer (K2 report, arXiv 2507.20534) is a tiktoken BPE. A directory holds `tiktoken.model`,
+one "base64(token bytes) rank" line for each rank 0..n-1, and `tokenizer_config.json`, whose
+`added_tokens_decoder` names special ids. The 256 ids after the ranks are special: [BOS] = n,
+[EOS] = n + 1, <|im_end|> = n + 2, ... (KIMI_SPECIALS), an unnamed one is `<|reserved_token_{id}|>`.
+Text is cut by K2's pre-tokenizer pattern (PATTERN) before BPE, and long inputs are split first as
+K2's own tokenizer splits them (`split_long_text`), which keeps tiktoken from stalling. A K2-format
+BPE trained here has the same files and special layout, so a tiny model and the real K2 share
+one code path.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
+import json
 import os
-from collections.abc import Sequence
-from typing import Any
+import pathlib
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
+import tiktoken
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import models, pre_tokenizers, trainers
 
 from k2jax.data import sources
 
-EOS_TEXT = "<|endoftext|>"
-TOKENIZER_FILE = "tokenizer.json"
+EOS_TEXT = "<|endoftext|>"  # how ByteTokenizer decodes its separator.
+MODEL_FILE = "tiktoken.model"
+CONFIG_FILE = "tokenizer_config.json"
+TEMPLATE_FILE = "chat_template.jinja"
+BYTE_FILE = "byte_tokenizer.json"  # marks a checkpoint directory of a byte-level model.
+BPE_DIR = "tokenizer"  # a trained BPE's directory inside the workdir.
+NUM_SPECIAL = 256  # special ids after the BPE ranks.
+# K2's named special tokens, as offsets from the number of ranks.
+KIMI_SPECIALS = {
+  0: "[BOS]", 1: "[EOS]", 2: "<|im_end|>", 3: "<|im_user|>", 4: "<|im_assistant|>",
+  6: "<|start_header_id|>", 7: "<|end_header_id|>", 9: "[EOT]", 10: "<|im_system|>",
+  11: "<|tool_calls_section_begin|>", 12: "<|tool_calls_section_end|>", 13: "<|tool_call_begin|>",
+  14: "<|tool_call_argument_begin|>", 15: "<|tool_call_end|>", 17: "<|im_middle|>", 254: "[UNK]",
+  255: "[PAD]",
+}
+# K2's pre-tokenizer: Han runs; words (no Han) with an optional leading non-letter and English
+# contraction; 1-3 digits; punctuation runs; newlines; whitespace. `&&` is class intersection,
+# which tiktoken's regex engine (and Oniguruma, used for training) support and Python's `re` not.
+PATTERN = "|".join([
+  r"[\p{Han}]+",
+  r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"
+  r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+  r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"
+  r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+  r"\p{N}{1,3}",
+  r" ?[^\s\p{L}\p{N}]+[\r\n]*",
+  r"\s*[\r\n]+",
+  r"\s+(?!\S)",
+  r"\s+",
+])
+MAX_CHARS = 400_000  # K2 encodes at most this many characters per tiktoken call...
+MAX_RUN = 25_000  # ...and at most this many consecutive (non-)whitespace characters.
+
+
+class Tokenizer(Protocol):
+  """What the data pipeline, training and generation use of a tokenizer."""
+
+  name: str
+  vocab_size: int
+  eos_id: int
+  token_bytes: np.ndarray  # int32 [vocab_size]
+
+  def encode(self, text: str) -> list[int]: ...
+
+  def encode_array(self, text: str) -> np.ndarray: ...
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
 
 
 class ByteTokenizer:
@@ -26,10 +92,11 @@ class ByteTokenizer:
 
   name = "byte"
   vocab_size = 257
+  bos_id = None
   eos_id = 256
 
   def __init__(self):
-    self.token_bytes = np.array([1] * 256 + [0], dtype=np.int32)  # UTF-8 bytes of each id.
+    self.token_bytes = np.array([1] * 256 + [0], dtype=np.int32)
 
   def encode_array(self, text: str) -> np.ndarray:
     """int32 ids of `text` (no separator)."""
@@ -45,97 +112,215 @@ class ByteTokenizer:
     pieces = [pieces[0]] + [p[1:] for p in pieces[1:]]
     return EOS_TEXT.join(p.astype(np.uint8).tobytes().decode("utf-8", "replace") for p in pieces)
 
+  def save(self, path: str | os.PathLike):
+    """Marks a checkpoint directory as byte-level (`from_dir` reads it back)."""
+    pathlib.Path(path).mkdir(parents=True, exist_ok=True)
+    _write(pathlib.Path(path) / BYTE_FILE, json.dumps({"tokenizer": self.name}))
 
-class BpeTokenizer:
-  """A byte-level BPE `tokenizers.Tokenizer` whose special token EOS_TEXT separates documents."""
 
-  name = "bpe"
+class KimiTokenizer:
+  """Kimi K2's tokenizer (or a K2-format one): tiktoken BPE ranks, then 256 special ids.
 
-  def __init__(self, tok: tokenizers.Tokenizer, path: str = "<memory>"):
-    eos_id = tok.token_to_id(EOS_TEXT)
-    if eos_id is None:
-      raise ValueError(f"{path}: no {EOS_TEXT} token")
-    tok.encode_special_tokens = True  # a literal EOS_TEXT inside a document is plain text.
-    self._tok = tok
-    self.vocab_size = tok.get_vocab_size()
-    self.eos_id = eos_id
-    special = {t.content for t in tok.get_added_tokens_decoder().values()}
-    # A byte-level token string holds one character per byte.
-    self.token_bytes = np.array(
-      [0 if t in special else len(t) for t in map(tok.id_to_token, range(self.vocab_size))],
-      dtype=np.int32,
-    )
+  `special_ids` maps every special token's name to its id; `bos_id` / `eos_id` are [BOS] / [EOS].
+  `chat_template` is the directory's jinja chat template (None without one).
+  """
+
+  name = "kimi"
+
+  def __init__(self, ranks: dict[bytes, int], named: dict[int, str],
+               chat_template: str | None = None, where: str = "<memory>"):
+    n = len(ranks)
+    if sorted(ranks.values()) != list(range(n)) or not all(bytes([b]) in ranks for b in range(256)):
+      raise ValueError(f"{where}: ranks must be 0..{n - 1} once each and include all 256 bytes")
+    bad = [i for i in named if not n <= i < n + NUM_SPECIAL]
+    if bad:
+      raise ValueError(f"{where}: special id {bad[0]} is outside [{n}, {n + NUM_SPECIAL}), the "
+                       f"{NUM_SPECIAL} ids after the {n} ranks")
+    self.special_ids = {named.get(i, f"<|reserved_token_{i}|>"): i
+                        for i in range(n, n + NUM_SPECIAL)}
+    if len(self.special_ids) != NUM_SPECIAL:
+      raise ValueError(f"{where}: special token names are not unique")
+    for token in ("[BOS]", "[EOS]"):
+      if token not in self.special_ids:
+        raise ValueError(f"{where}: no special token {token}")
+    self._enc = tiktoken.Encoding(where, pat_str=PATTERN, mergeable_ranks=ranks,
+                                  special_tokens=self.special_ids)
+    self._ranks = ranks
+    self.vocab_size = n + NUM_SPECIAL
+    self.bos_id, self.eos_id = self.special_ids["[BOS]"], self.special_ids["[EOS]"]
+    self.chat_template = chat_template
+    self.token_bytes = np.zeros(self.vocab_size, np.int32)
+    for token, rank in ranks.items():
+      self.token_bytes[rank] = len(token)
+
+  @classmethod
+  def from_dir(cls, path: str | os.PathLike) -> KimiTokenizer:
+    """Reads tiktoken.model, tokenizer_config.json and the chat template of a directory."""
+    path = pathlib.Path(path)
+    for file in (MODEL_FILE, CONFIG_FILE):
+      if not (path / file).is_file():
+        raise ValueError(f"{path}: no {file} (a K2-format tokenizer directory holds {MODEL_FILE} "
+                         f"and {CONFIG_FILE})")
+    try:
+      config = json.loads((path / CONFIG_FILE).read_text())
+      named = {int(i): t["content"] for i, t in config.get("added_tokens_decoder", {}).items()}
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path / CONFIG_FILE}: invalid JSON ({e})") from None
+    except (ValueError, TypeError, KeyError, AttributeError):
+      raise ValueError(f"{path / CONFIG_FILE}: added_tokens_decoder is not "
+                       '{"<id>": {"content": <token>}, ...}') from None
+    template = config.get("chat_template")
+    if (path / TEMPLATE_FILE).exists():
+      template = (path / TEMPLATE_FILE).read_text()
+    elif isinstance(template, list):  # named templates: [{"name": ..., "template": ...}].
+      template = {t.get("name"): t.get("template") for t in template}.get("default")
+    return cls(_read_ranks(path / MODEL_FILE), named, template, str(path))
+
+  def save(self, path: str | os.PathLike):
+    """Writes tiktoken.model, tokenizer_config.json and (when set) chat_template.jinja."""
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    n = self.vocab_size - NUM_SPECIAL
+    lines = sorted((r, base64.b64encode(t).decode()) for t, r in self._ranks.items())
+    _write(path / MODEL_FILE, "".join(f"{b64} {r}\n" for r, b64 in lines))
+    named = {i: t for t, i in self.special_ids.items() if t != f"<|reserved_token_{i}|>"}
+    config = {
+      "added_tokens_decoder": {
+        str(i): dict(content=t, lstrip=False, normalized=False, rstrip=False, single_word=False,
+                     special=True) for i, t in sorted(named.items())},
+      "bos_token": "[BOS]", "eos_token": "[EOS]",
+      "unk_token": named.get(n + 254), "pad_token": named.get(n + 255),
+      "tokenizer_class": "TikTokenTokenizer",
+    }
+    _write(path / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False))
+    if self.chat_template is not None:
+      _write(path / TEMPLATE_FILE, self.chat_template)
+
+  def encode(self, text: str, allow_special: bool = False) -> list[int]:
+    """Ids of `text`; special-token text becomes its special id only when `allow_special`."""
+    if allow_special:
+      return [t for p in split_long_text(text) for t in self._enc.encode(p, allowed_special="all")]
+    return [t for p in split_long_text(text) for t in self._enc.encode_ordinary(p)]
 
   def encode_array(self, text: str) -> np.ndarray:
-    """int32 ids of `text` (no separator)."""
-    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+    """int32 ids of `text` (no separator; special-token text is plain text)."""
+    return np.asarray(self.encode(text), dtype=np.int32)
 
-  def encode(self, text: str) -> list[int]:
-    return self._tok.encode(text, add_special_tokens=False).ids
+  def decode_bytes(self, ids: Sequence[int] | np.ndarray) -> bytes:
+    """The bytes of `ids`; a special id gives its name."""
+    return self._enc.decode_bytes(_check_ids(ids, self.vocab_size).tolist())
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-    ids = _check_ids(ids, self.vocab_size)
-    return self._tok.decode(ids.tolist(), skip_special_tokens=False)
-
-  def save(self, path: str):
-    self._tok.save(path)
+    return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
-Tokenizer = ByteTokenizer | BpeTokenizer
+def split_long_text(text: str, max_chars: int = MAX_CHARS, max_run: int = MAX_RUN) -> list[str]:
+  """K2's cut of a text before tiktoken: pieces of at most `max_chars` characters, each cut again
+  after every `max_run` characters of a longer run of whitespace (or of non-whitespace)."""
+  pieces = []
+  for chunk in (text[i:i + max_chars] for i in range(0, len(text), max_chars)):
+    start = 0
+    for run in _long_runs(max_run).finditer(chunk):
+      for cut in range(run.start() + max_run, run.end(), max_run):
+        pieces.append(chunk[start:cut])
+        start = cut
+    pieces.append(chunk[start:])
+  return pieces
 
 
-def _check_ids(ids: Sequence[int] | np.ndarray, vocab_size: int) -> np.ndarray:
-  ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-  if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-    bad = ids[(ids < 0) | (ids >= vocab_size)][0]
-    raise ValueError(f"token id {bad} outside the vocabulary [0, {vocab_size})")
-  return ids
+@functools.cache
+def _long_runs(max_run: int) -> re.Pattern:
+  """Maximal runs of more than `max_run` whitespace or non-whitespace characters (the
+  lookbehinds start a match only at a run's first character: linear time)."""
+  n = max_run + 1
+  return re.compile(rf"(?<!\S)\S{{{n},}}|(?<!\s)\s{{{n},}}")
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int,
+              chat_template: str | None = None) -> KimiTokenizer:
+  """A K2-format byte-level BPE of `vocab_size` ids: 256 byte ranks, merges, K2's 256 specials.
+
+  Hugging Face `tokenizers` learns the merges (deterministically) on `texts` cut by K2's
+  pattern; the merged tokens become tiktoken ranks in the order they were learned.
+  """
+  n_ranks = vocab_size - NUM_SPECIAL
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+    pre_tokenizers.Split(tokenizers.Regex(PATTERN), behavior="isolated"),
+    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+  ])
+  trainer = trainers.BpeTrainer(vocab_size=n_ranks, show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(texts, trainer)
+  vocab = tok.get_vocab()
+  if len(vocab) != n_ranks:
+    raise ValueError(f"BPE training stopped at {len(vocab) + NUM_SPECIAL} ids (with the "
+                     f"{NUM_SPECIAL} special ones) of {vocab_size}")
+  byte_of = {c: b for b, c in enumerate(_byte_chars())}
+  merged = sorted((i, t) for t, i in vocab.items() if len(t) > 1)
+  ranks = {bytes([b]): b for b in range(256)}
+  ranks.update({bytes(byte_of[c] for c in t): 256 + k for k, (_, t) in enumerate(merged)})
+  named = {n_ranks + offset: t for offset, t in KIMI_SPECIALS.items()}
+  return KimiTokenizer(ranks, named, chat_template)
+
+
+def k2_chat_template() -> str:
+  """The jinja chat template of K2's format shipped with k2jax (K2-Instruct-0905's layout)."""
+  return (pathlib.Path(__file__).parent / "kimi_chat_template.jinja").read_text()
+
+
+def from_dir(path: str | os.PathLike) -> Tokenizer | None:
+  """The tokenizer a checkpoint directory holds (K2-format files, or the byte-level marker a
+  saved byte-level model carries); None when it holds none."""
+  path = pathlib.Path(path)
+  if (path / MODEL_FILE).exists():
+    return KimiTokenizer.from_dir(path)
+  return ByteTokenizer() if (path / BYTE_FILE).exists() else None
 
 
 def build_tokenizer(data_cfg: Any, workdir: str | None) -> Tokenizer:
-  """The tokenizer named by data.tokenizer; a BPE one is loaded from or trained into `workdir`."""
-  if sources.field(data_cfg, "tokenizer") == "byte":
-    return ByteTokenizer()
+  """The tokenizer named by data.tokenizer (see BUILDERS)."""
+  name = sources.field(data_cfg, "tokenizer")
+  if name not in BUILDERS:
+    raise ValueError(f"data.tokenizer must be one of {tuple(BUILDERS)}, got {name!r}")
+  return BUILDERS[name](data_cfg, workdir)
+
+
+def _kimi(data_cfg: Any, workdir: str | None) -> KimiTokenizer:
+  path = sources.field(data_cfg, "tokenizer_path")
+  if not path:
+    raise ValueError("data.tokenizer 'kimi' needs data.tokenizer_path: a directory holding "
+                     f"{MODEL_FILE} and {CONFIG_FILE}")
+  return KimiTokenizer.from_dir(path)
+
+
+def _bpe(data_cfg: Any, workdir: str | None) -> KimiTokenizer:
+  """The workdir's trained BPE, or a new one trained on data.bpe_train_bytes of the training
+  split and saved there."""
   vocab_size = sources.field(data_cfg, "bpe_vocab_size")
   if not workdir:
-    raise ValueError("data.tokenizer 'bpe' needs a workdir to cache tokenizer.json in")
-  path = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.exists(path):
-    tok = BpeTokenizer(tokenizers.Tokenizer.from_file(path), path)
+    raise ValueError("data.tokenizer 'bpe' needs a workdir to keep its trained tokenizer in")
+  path = os.path.join(workdir, BPE_DIR)
+  if os.path.exists(os.path.join(path, CONFIG_FILE)):
+    tok = KimiTokenizer.from_dir(path)
     if tok.vocab_size != vocab_size:
-      raise ValueError(
-        f"{path} has {tok.vocab_size} tokens but data.bpe_vocab_size is {vocab_size}; "
-        "delete the file to retrain"
-      )
+      raise ValueError(f"{path} has {tok.vocab_size} ids but data.bpe_vocab_size is {vocab_size}; "
+                       "delete it to retrain")
     return tok
-  tok = train_bpe(data_cfg)
-  os.makedirs(workdir, exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  tok.save(tmp)
-  os.replace(tmp, path)
+  try:
+    tok = train_bpe(_training_sample(data_cfg), vocab_size, k2_chat_template())
+  except ValueError as e:
+    raise ValueError(f"data.bpe_vocab_size {vocab_size}: {e} on data.source "
+                     f"{sources.field(data_cfg, 'source')!r}; lower it or add data") from None
+  tok.save(path)
   return tok
 
 
-def train_bpe(data_cfg: Any) -> BpeTokenizer:
-  """Trains a byte-level BPE on about data.bpe_train_bytes of the training split."""
-  vocab_size = sources.field(data_cfg, "bpe_vocab_size")
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-    vocab_size=vocab_size,
-    special_tokens=[EOS_TEXT],
-    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    show_progress=False,
-  )
-  tok.train_from_iterator(_training_sample(data_cfg), trainer)
-  if tok.get_vocab_size() != vocab_size:
-    raise ValueError(
-      f"data.bpe_vocab_size {vocab_size}: BPE training on data.source "
-      f"{sources.field(data_cfg, 'source')!r} stopped at {tok.get_vocab_size()} tokens; "
-      "lower it or add data"
-    )
-  return BpeTokenizer(tok)
+BUILDERS = {
+  "byte": lambda data_cfg, workdir: ByteTokenizer(),
+  "kimi": _kimi,
+  "bpe": _bpe,
+}
 
 
 def _training_sample(data_cfg: Any):
@@ -149,3 +334,40 @@ def _training_sample(data_cfg: Any):
     budget -= len(text)
     if budget <= 0:
       return
+
+
+def _byte_chars() -> list[str]:
+  """The printable character that byte-level BPE (GPT-2's) writes for each byte 0..255."""
+  keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+  moved = [b for b in range(256) if b not in keep]
+  chars = {b: chr(b) for b in keep} | {b: chr(256 + k) for k, b in enumerate(moved)}
+  return [chars[b] for b in range(256)]
+
+
+def _read_ranks(file: pathlib.Path) -> dict[bytes, int]:
+  ranks = {}
+  with open(file, "rb") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        token, rank = line.split()
+        ranks[base64.b64decode(token, validate=True)] = int(rank)
+      except ValueError:
+        raise ValueError(f"{file} line {lineno}: not 'base64(token) rank'") from None
+  return ranks
+
+
+def _write(file: pathlib.Path, text: str):
+  """Writes atomically: concurrent writers of the same content never expose a partial file."""
+  tmp = file.with_name(f"{file.name}.tmp.{os.getpid()}")
+  tmp.write_text(text)
+  os.replace(tmp, file)
+
+
+def _check_ids(ids: Sequence[int] | np.ndarray, vocab_size: int) -> np.ndarray:
+  ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+  if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+    bad = ids[(ids < 0) | (ids >= vocab_size)][0]
+    raise ValueError(f"token id {bad} outside the vocabulary [0, {vocab_size})")
+  return ids

@@ -5,7 +5,8 @@ Reads both RoPE forms: the hub's legacy `rope_scaling` + `rope_theta` (model_typ
 which `transformers.DeepseekV3Config(**d)` accepts. Keys that do not change the function the model
 computes (token ids, dtype, auto_map, quantization_config, ...) are ignored; values k2jax cannot
 reproduce raise a one-line ValueError naming the field. `aux_loss_alpha` is a training choice, not
-read from HF (DS-V3's hub value 0.001 is not the paper's 1e-4): pass it as an override.
+read from HF (DS-V3's hub value 0.001 is not the paper's 1e-4): the train config's
+`loss.balance` weight sets it.
 `rope_interleave: False` is accepted: the weights then need `from_torch_state_dict(...,
 rope_interleave=False)`, which permutes the rotary rows into k2jax's interleaved layout.
 """

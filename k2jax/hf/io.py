@@ -9,7 +9,8 @@ parameters' size. A tensor is read with plain positional reads at the offsets of
 header (never pickle): safetensors' own numpy reader cannot return float8 arrays, and the pages of
 its memory map would stay resident for the whole file.
 
-`save` writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+`save` writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads, with a
+K2-format tokenizer's files next to the weights when given one; `load_tokenizer` reads them back.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from absl import logging
 from safetensors.numpy import save_file
 
 from k2jax.config import DTYPES, ModelConfig
+from k2jax.data import tokenizers
 from k2jax.hf.config import config_from_hf, config_to_hf
 from k2jax.hf.state_dict import from_torch_state_dict, to_torch_state_dict
 
@@ -90,14 +92,22 @@ def load(path: str | pathlib.Path, dtype=None) -> tuple[ModelConfig, dict]:
 
 def save(path: str | pathlib.Path, cfg: ModelConfig, variables: dict,
          max_shard_size: int | str = "5GB", hub_names: bool = False,
-         hf_config: dict | None = None) -> None:
+         hf_config: dict | None = None, tokenizer: tokenizers.Tokenizer | None = None) -> None:
   """Writes config.json and safetensors (with an index when over `max_shard_size`) to `path`.
 
   Tensors keep the parameters' dtype (the router bias stays float32); names are transformers'
-  (fused experts) or, with `hub_names`, the hub's per-expert ones. `hf_config` adds fields to
-  config.json (token ids, ...). Earlier model files in `path` are replaced.
+  (fused experts) or, with `hub_names`, the hub's per-expert ones. A `tokenizer` writes its files
+  (a K2-format one: tiktoken.model, tokenizer_config.json, chat_template.jinja) and its BOS / EOS
+  ids into config.json; `hf_config` adds fields to config.json last. Earlier model files in `path`
+  are replaced.
   """
   limit = _parse_size(max_shard_size)
+  token_ids = {}
+  if tokenizer is not None:
+    if tokenizer.vocab_size > cfg.vocab_size:
+      raise ValueError(f"k2jax.hf.save: the tokenizer has {tokenizer.vocab_size} ids, more than "
+                       f"the model's vocab_size {cfg.vocab_size}")
+    token_ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
   state_dict = to_torch_state_dict(cfg, variables, hub_names=hub_names)
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
@@ -118,8 +128,16 @@ def save(path: str | pathlib.Path, cfg: ModelConfig, variables: dict,
     index = {"metadata": {"total_size": sum(w.nbytes for w in state_dict.values())},
              "weight_map": {n: f for f, s in zip(files, shards) for n in s}}
     (path / INDEX).write_text(json.dumps(index, indent=2))
+  if tokenizer is not None:
+    tokenizer.save(path)
   (path / CONFIG).write_text(json.dumps(
-      {**config_to_hf(cfg), "dtype": cfg.param_dtype, **(hf_config or {})}, indent=2))
+      {**config_to_hf(cfg), "dtype": cfg.param_dtype, **token_ids, **(hf_config or {})}, indent=2))
+
+
+def load_tokenizer(path: str | pathlib.Path) -> tokenizers.Tokenizer | None:
+  """The tokenizer of a checkpoint directory (a Kimi K2 release, or one `save` wrote with a
+  tokenizer); None when it holds none."""
+  return tokenizers.from_dir(path)
 
 
 class _LazyTensor:

@@ -6,7 +6,9 @@ transformers 5.x's fused `mlp.experts.gate_up_proj` [E, 2F, D] (gate rows first)
 `mlp.experts.down_proj` [E, D, F], or the hub checkpoints' per-expert
 `mlp.experts.{e}.{gate,up,down}_proj.weight`.
 Multi-token-prediction layers (`model.layers.{L + k}`, k < num_nextn_predict_layers) are skipped,
-as transformers' DeepseekV3ForCausalLM does.
+as transformers' DeepseekV3ForCausalLM does, and so are RoPE buffers that are recomputed from the
+config (`...rotary_emb.inv_freq` and its kin, which `model.named_buffers()` and older
+checkpoints carry).
 
 `rope_interleave=False` (HF's rotate-half RoPE, which pairs rotary dims (j, j + dr/2)) is mapped
 exactly rather than rejected: rotary row j goes to 2j and row j + dr/2 to 2j + 1, in every head of
@@ -30,6 +32,7 @@ from k2jax.model import abstract_variables
 Path = tuple[str, ...]
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _HUB_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.")
+_RECOMPUTED = re.compile(r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq|cos_cached|sin_cached)$")
 
 
 class _Entry(NamedTuple):
@@ -49,7 +52,8 @@ def from_torch_state_dict(cfg: ModelConfig, state_dict: Mapping[str, Any], *,
   `rope_interleave` is the HF config's flag (False: rotate-half weights, permuted on the way in).
   """
   n_main, n_mtp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
-  sd = {k: v for k, v in state_dict.items() if not _is_mtp(k, n_main, n_mtp)}
+  sd = {k: v for k, v in state_dict.items()
+        if not _is_mtp(k, n_main, n_mtp) and not _RECOMPUTED.search(k)}
   hub = any(_HUB_EXPERT.search(k) for k in sd)
   entries = _entries(cfg, hub_experts=hub, rope_interleave=rope_interleave)
   known = {e.name for e in entries}

@@ -11,7 +11,7 @@ assignment. Rows are gathered from x, pushed through their expert's SwiGLU, summ
   (nothing drops); otherwise a block layout: segments padded to whole blocks of `block_size` rows,
   one expert per block, the blocks' weights gathered, one batched matmul over the blocks. Block
   size 0 (the default) picks `auto_block_size`: small blocks waste fewer padded rows, large ones
-  gather fewer weight copies; half the mean load measured best on CPU (benchmarks/RESULTS.md).
+  gather fewer weight copies; half the mean load is the CPU choice (benchmarks/moe_dispatch.py).
 - "ragged": unpadded segments through `jax.lax.ragged_dot` (GPU/TPU; XLA:CPU computes it densely).
 
 "capacity" and "sort" share one custom VJP. Its backward runs every matmul in the compute dtype
@@ -29,9 +29,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from k2jax.config import DISPATCHES
 from k2jax.model.layers import fuse_swiglu_weights, swiglu_rows_bwd, swiglu_rows_fwd
-
-DISPATCHES = ("sort", "capacity", "ragged")
 
 
 class _Sorted(NamedTuple):
@@ -51,7 +50,8 @@ class _Layout(NamedTuple):
   expert_G: jnp.ndarray | None  # expert of each group; None: group g is expert g
 
 
-def _sort(idx_TK: jnp.ndarray, num_experts: int) -> _Sorted:
+def sort_assignments(idx_TK: jnp.ndarray, num_experts: int) -> _Sorted:
+  """The T*K assignments of idx_TK (values in [0, num_experts)) sorted by expert, stably."""
   expert_A = idx_TK.reshape(-1)
   order_S = jnp.argsort(expert_A, stable=True)
   expert_S = expert_A[order_S]
@@ -73,10 +73,29 @@ def _place(s: _Sorted, seg_start_E, num_rows: int, keep_S=None, expert_G=None) -
   return _Layout(src_R, dest_A, expert_G)
 
 
-def _capacity_layout(s: _Sorted, capacity: int) -> _Layout:
+def capacity_layout(s: _Sorted, capacity: int) -> _Layout:
   """Expert e owns rows [e*C, (e+1)*C); its assignments beyond C drop."""
   E = s.counts_E.shape[0]
   return _place(s, jnp.arange(E) * capacity, E * capacity, keep_S=s.rank_S < capacity)
+
+
+def capacity(num_assignments: int, num_groups: int, capacity_factor: float) -> int:
+  """Rows per group (expert, or expert shard) of a capacity buffer: ceil(factor * n / groups)."""
+  return max(1, math.ceil(capacity_factor * num_assignments / num_groups))
+
+
+def buffer_rows(num_assignments: int, num_experts: int, dispatch: str, capacity_factor: float,
+                block_size: int = 0) -> int:
+  """Rows the dispatch pushes through the experts, padding included: "capacity" E * C; "sort"
+  the larger of its two layouts (capacity, and blocks of `block_size` rows, 0 = auto); "ragged"
+  the assignments themselves."""
+  if dispatch == "ragged":
+    return num_assignments
+  rows = num_experts * capacity(num_assignments, num_experts, capacity_factor)
+  if dispatch == "capacity":
+    return rows
+  bs = block_size or auto_block_size(num_assignments, num_experts)
+  return max(rows, (-(-num_assignments // bs) + num_experts) * bs)
 
 
 def auto_block_size(num_assignments: int, num_experts: int) -> int:
@@ -117,7 +136,7 @@ class _Spec(NamedTuple):
 
   def build(self, s: _Sorted) -> _Layout:
     if self.kind == "capacity":
-      return _capacity_layout(s, self.rows)
+      return capacity_layout(s, self.rows)
     return _block_layout(s, self.rows, self.groups)
 
 
@@ -165,9 +184,8 @@ def _switch(branch, fns, *args):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _routed_swiglu(x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD, s, branch, specs, dtype):
   """The routed SwiGLU through the layout specs[branch]. Each branch builds its own layout, so
-  the one not taken costs nothing (the backward rebuilds it from the sort: a few index scatters,
-  under 1 ms for 32768 assignments); the choice lives inside the VJP, so all layouts share one
-  set of residuals."""
+  the one not taken costs nothing (the backward rebuilds it from the sort: a few index
+  scatters); the choice lives inside the VJP, so all layouts share one set of residuals."""
   return _routed_swiglu_fwd(x_TD, w_TK, wg_EDF, wu_EDF, wd_EFD, s, branch, specs, dtype)[0]
 
 
@@ -229,18 +247,18 @@ def routed_experts(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, *, dispatch: str,
   if block_size < 0:
     raise ValueError(f"moe_block_size must be >= 0 (0: auto), got {block_size}")
   dtype = jnp.dtype(dtype)
-  s = _sort(idx_TK, E)
+  s = sort_assignments(idx_TK, E)
   if dispatch == "ragged":
     return (_ragged_ffn(x_TD, w_TK, s, wg_EDF, wu_EDF, wd_EFD, dtype),
             jnp.zeros((), jnp.float32))
-  capacity = max(1, math.ceil(capacity_factor * idx_TK.size / E))
-  cap = _Spec("capacity", capacity, E)
+  rows = capacity(idx_TK.size, E, capacity_factor)
+  cap = _Spec("capacity", rows, E)
   weights = (wg_EDF, wu_EDF, wd_EFD)
   if dispatch == "capacity":
     y_TD = _routed_swiglu(x_TD, w_TK, *weights, s, None, (cap,), dtype)
-    return y_TD, jnp.mean(s.rank_S >= capacity, dtype=jnp.float32)
+    return y_TD, jnp.mean(s.rank_S >= rows, dtype=jnp.float32)
   block_size = block_size or auto_block_size(idx_TK.size, E)
   blocks = _Spec("block", block_size, -(-idx_TK.size // block_size) + E)
-  branch = (jnp.max(s.counts_E) > capacity).astype(jnp.int32)
+  branch = (jnp.max(s.counts_E) > rows).astype(jnp.int32)
   y_TD = _routed_swiglu(x_TD, w_TK, *weights, s, branch, (cap, blocks), dtype)
   return y_TD, jnp.zeros((), jnp.float32)

@@ -27,7 +27,13 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from k2jax import sharding
-from k2jax.model.dispatch import routed_experts
+from k2jax.model.dispatch import (
+    buffer_rows,
+    capacity,
+    capacity_layout,
+    routed_experts,
+    sort_assignments,
+)
 
 
 def active_mesh(num_tokens: int):
@@ -42,6 +48,25 @@ def active_mesh(num_tokens: int):
   if num_tokens % math.prod(mesh.shape[a] for a in sharding.BATCH_AXES):
     return None
   return mesh
+
+
+def send_capacity(num_assignments: int, ep: int, dispatch: str, capacity_factor: float) -> int:
+  """Rows per destination shard of the exchange: all the device's assignments when dropless,
+  else a capacity share."""
+  if dispatch != "capacity":
+    return num_assignments
+  return capacity(num_assignments, ep, capacity_factor)
+
+
+def routed_rows(num_assignments: int, num_experts: int, ep: int, dispatch: str,
+                capacity_factor: float, block_size: int = 0) -> int:
+  """Rows one device pushes through its experts (padding included) for `num_assignments` of its
+  own, expert-parallel over `ep` shards: what the memory plan counts."""
+  if ep == 1:
+    return buffer_rows(num_assignments, num_experts, dispatch, capacity_factor, block_size)
+  received = ep * send_capacity(num_assignments, ep, dispatch, capacity_factor)
+  return buffer_rows(received, num_experts // ep, "ragged" if dispatch == "ragged" else "sort",
+                     capacity_factor, block_size)
 
 
 def _varying(xs, axes):
@@ -64,11 +89,7 @@ def expert_parallel_experts(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, *, mesh,
                             dtype=jnp.float32):
   """Same contract as `dispatch.routed_experts`: (y_TD float32, dropped_frac) over `mesh`."""
   T, D = x_TD.shape
-  E = wg_EDF.shape[0]
   ep = mesh.shape["expert"]
-  if E % ep:
-    raise ValueError(f"ModelConfig.n_routed_experts ({E}) is not divisible by mesh axis expert "
-                     f"({ep})")
   tok_spec = sharding.logical_spec(("batch", None), (T, D), mesh.shape)
   wi_spec = sharding.logical_spec(("expert", "embed", "moe_mlp"), wg_EDF.shape, mesh.shape,
                                   "experts/gate")
@@ -113,21 +134,12 @@ def _exchange(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, *, ep: int, tensor_axe
   Tl, K = idx_TK.shape
   El = wg_EDF.shape[0]
   num_assign = Tl * K
-  cap = (num_assign if dispatch != "capacity"
-         else max(1, math.ceil(capacity_factor * num_assign / ep)))
-  expert_A = idx_TK.reshape(-1)
-  shard_A = expert_A // El
-  order_S = jnp.argsort(shard_A, stable=True)
-  counts = jnp.bincount(shard_A, length=ep)
-  start = jnp.cumsum(counts) - counts
-  rank_A = jnp.zeros_like(shard_A).at[order_S].set(
-      jnp.arange(num_assign) - start[shard_A[order_S]])
-  keep_A = rank_A < cap
-  pos_A = jnp.where(keep_A, shard_A * cap + rank_A, ep * cap)
-  src_R = jnp.full((ep * cap,), num_assign, jnp.int32).at[pos_A].set(
-      jnp.arange(num_assign, dtype=jnp.int32), mode="drop")
-  send_RD = jnp.take(x_TD.astype(dtype), src_R // K, axis=0, mode="fill", fill_value=0)
-  send_R = jnp.where(src_R < num_assign, jnp.take(expert_A, src_R, mode="clip") % El, El)
+  cap = send_capacity(num_assign, ep, dispatch, capacity_factor)
+  # The exchange is the capacity layout with expert shards for experts: cap rows per shard.
+  lay = capacity_layout(sort_assignments(idx_TK // El, ep), cap)
+  send_RD = jnp.take(x_TD.astype(dtype), lay.src_R // K, axis=0, mode="fill", fill_value=0)
+  send_R = jnp.where(lay.src_R < num_assign,
+                     jnp.take(idx_TK.reshape(-1), lay.src_R, mode="clip") % El, El)
 
   recv_RD = jax.lax.all_to_all(send_RD, "expert", 0, 0, tiled=True)
   recv_R = jax.lax.all_to_all(send_R, "expert", 0, 0, tiled=True)
@@ -141,6 +153,6 @@ def _exchange(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, *, ep: int, tensor_axe
                            dispatch="ragged" if dispatch == "ragged" else "sort",
                            block_size=block_size, dtype=dtype)
   back_RD = jax.lax.all_to_all(y_RD, "expert", 0, 0, tiled=True)
-  y_TKD = jnp.take(back_RD, pos_A, axis=0, mode="fill", fill_value=0).reshape(Tl, K, -1)
+  y_TKD = jnp.take(back_RD, lay.dest_A, axis=0, mode="fill", fill_value=0).reshape(Tl, K, -1)
   y_TD = jnp.einsum("tkd,tk->td", y_TKD, w_TK.astype(jnp.float32))
-  return y_TD, jnp.sum(~keep_A).astype(jnp.float32)
+  return y_TD, jnp.sum(lay.dest_A >= ep * cap).astype(jnp.float32)

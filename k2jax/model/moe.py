@@ -1,8 +1,8 @@
 """DeepSeekMoE: sigmoid router with bias-corrected (group-limited) top-k, routed + shared experts.
 
 Selection uses scores + e_score_correction_bias; the weights are the UNBIASED scores of the chosen
-experts, renormalised and times routed_scaling_factor (K2_SPEC §3). The bias lives in the `router`
-variable collection, is never trained by gradient, and is moved between steps by
+experts, renormalised and times routed_scaling_factor (DeepSeek-V3's "noaux_tc"). The bias lives
+in the `router` variable collection, is never trained by gradient, and is moved between steps by
 `update_router_bias` (auxiliary-loss-free balancing).
 """
 
@@ -36,14 +36,22 @@ def select_experts(scores_TE: jnp.ndarray, bias_E: jnp.ndarray, cfg: ModelConfig
   return idx_TK, w_TK * cfg.routed_scaling_factor
 
 
-def balance_loss(scores_BSE: jnp.ndarray, idx_BSK: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
-  """Sequence-wise balance loss sum_i f_i P_i, averaged over sequences (DS-V3), before alpha."""
+def balance_loss(scores_BSE: jnp.ndarray, idx_BSK: jnp.ndarray, valid_BS: jnp.ndarray,
+                 cfg: ModelConfig) -> jnp.ndarray:
+  """Sequence-wise balance loss sum_i f_i P_i of each sequence [B] (DS-V3), before its weight.
+
+  f_i = E / (k S) * (tokens of the sequence routed to i), P_i = mean over the sequence of
+  s_i / sum_j s_j, both over its `valid` (non-padding) tokens, S of them.
+  """
   B, S, E = scores_BSE.shape
   k = cfg.num_experts_per_tok
-  counts_BE = jax.vmap(lambda idx: jnp.zeros(E).at[idx.reshape(-1)].add(1.0))(idx_BSK)
-  f_BE = counts_BE * E / (k * S)
-  p_BE = jnp.mean(scores_BSE / scores_BSE.sum(-1, keepdims=True), axis=1)
-  return jnp.mean(jnp.sum(f_BE * p_BE, axis=-1))
+  counts_BE = jax.vmap(lambda idx, v: jnp.zeros(E).at[idx.reshape(-1)].add(
+      jnp.repeat(v, k)))(idx_BSK, valid_BS)
+  tokens_B1 = jnp.maximum(jnp.sum(valid_BS, axis=1, keepdims=True), 1.0)
+  f_BE = counts_BE * E / (k * tokens_B1)
+  p_BE = jnp.sum(scores_BSE / scores_BSE.sum(-1, keepdims=True) * valid_BS[..., None],
+                 axis=1) / tokens_B1
+  return jnp.sum(f_BE * p_BE, axis=-1)
 
 
 def update_router_bias(bias_LE: jnp.ndarray, load_LE: jnp.ndarray, rate: float,
@@ -105,8 +113,9 @@ class MoE(nn.Module):
   decode: bool = False  # generation: few tokens per call (see Experts).
 
   @nn.compact
-  def __call__(self, x_BSD: jnp.ndarray):
-    """Returns (out_BSD, aux) with aux = expert_load [E], balance_loss, dropped_frac."""
+  def __call__(self, x_BSD: jnp.ndarray, valid_BS: jnp.ndarray | None = None):
+    """Returns (out_BSD, aux): expert_load [E] (tokens routed to each expert, padding excluded:
+    `valid_BS` is 0 on padding), balance_loss [B] (per sequence, unweighted), dropped_frac."""
     cfg = self.cfg
     B, S, D = x_BSD.shape
     E = cfg.n_routed_experts
@@ -121,10 +130,15 @@ class MoE(nn.Module):
     if cfg.n_shared_experts:
       out_BSD = out_BSD + MLP(cfg, cfg.n_shared_experts * cfg.moe_intermediate_size,
                               name="shared")(x_BSD)
+    if valid_BS is None:
+      valid_BS = jnp.ones((B, S), jnp.float32)
+    valid_BS = valid_BS.astype(jnp.float32)
+    k = cfg.num_experts_per_tok
     aux = {
-        "expert_load": jnp.zeros(E, jnp.float32).at[idx_TK.reshape(-1)].add(1.0),
-        "balance_loss": balance_loss(scores_TE.reshape(B, S, E),
-                                     idx_TK.reshape(B, S, -1), cfg) * cfg.aux_loss_alpha,
+        "expert_load": jnp.zeros(E, jnp.float32).at[idx_TK.reshape(-1)].add(
+            jnp.repeat(valid_BS.reshape(-1), k)),
+        "balance_loss": balance_loss(scores_TE.reshape(B, S, E), idx_TK.reshape(B, S, -1),
+                                     valid_BS, cfg),
         "dropped_frac": dropped_frac,
     }
     return out_BSD, aux

@@ -1,4 +1,4 @@
-"""Decoupled RoPE of MLA with optional YaRN frequency interpolation (K2_SPEC §2).
+"""Decoupled RoPE of MLA with optional YaRN frequency interpolation (DeepSeek-V3).
 
 Only the last `qk_rope_head_dim` dims of each query head and the shared key `k_pe` rotate. Pairs are
 interleaved, (2i, 2i+1), DeepSeek's complex form. YaRN follows DeepSeek's `find_correction_dim` /

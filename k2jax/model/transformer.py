@@ -1,13 +1,17 @@
 """The K2 / DeepSeek-V3 decoder: embed, dense blocks, MoE blocks (each stack scanned), norm, head.
 
-`logits_BTV, aux = Transformer(cfg).apply(variables, tokens_BT)`. Each stack of identical blocks is
-one `nn.scan` with a leading `layers` axis on its parameters; `scan_layers=False` unrolls the same
-scan, so the parameter layout never changes. aux carries what training and MuonClip read:
-max_logits [L, H], expert_load [Lm, E], balance_loss, dropped_frac.
+`logits_BTV, aux = Transformer(cfg).apply(variables, tokens_BT, positions_BT, segment_ids_BT)`.
+Packed rows pass `segment_ids_BT` (1, 2, ... per sequence, 0 for padding) and `positions_BT`
+(restarting at 0 in each sequence): attention never crosses a segment, padding neither attends nor
+is attended, and the router's expert load skips padding. Without them a row is one sequence.
+Each stack of identical blocks is one `nn.scan` with a leading `layers` axis on its parameters;
+`scan_layers=False` unrolls the same scan, so the parameter layout never changes. aux carries what
+training and MuonClip read: max_logits [L, H], expert_load [Lm, E], balance_loss [B] (per sequence,
+summed over MoE layers, unweighted), dropped_frac.
 
 Decoding: `apply({**variables, "cache": cache}, tokens_BT, positions_BT, decode=True,
 mutable=["cache"])` with `cache = init_cache(cfg, batch, length)` writes each token's compressed
-MLA cache entry at its position and attends over the cached positions up to it (K2_SPEC §2).
+MLA cache entry at its position and attends over the cached positions up to it.
 """
 
 from __future__ import annotations
@@ -28,23 +32,26 @@ REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_bat
 
 
 class Block(nn.Module):
-  """Pre-norm block: h = x + attn(norm(x)); out = h + ffn(norm(h)). Scan body: (x, pos) -> x."""
+  """Pre-norm block: h = x + attn(norm(x)); out = h + ffn(norm(h)).
+  Scan body: (x, positions, segment_ids) -> x."""
 
   cfg: ModelConfig
   moe: bool
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BTD: jnp.ndarray, positions_BT: jnp.ndarray):
+  def __call__(self, x_BTD: jnp.ndarray, positions_BT: jnp.ndarray,
+               segment_ids_BT: jnp.ndarray | None):
     cfg = self.cfg
     x_BTD = sharding.constrain(x_BTD, ("batch", "length", "act_embed"))  # under a mesh only
     attn_BTD, max_logits_H = MLA(cfg, self.decode, name="attn")(
-        RMSNorm(cfg, cfg.rms_norm_eps, name="attn_norm")(x_BTD), positions_BT)
+        RMSNorm(cfg, cfg.rms_norm_eps, name="attn_norm")(x_BTD), positions_BT, segment_ids_BT)
     h_BTD = x_BTD + attn_BTD
     y_BTD = RMSNorm(cfg, cfg.rms_norm_eps, name="ffn_norm")(h_BTD)
     aux = {"max_logits": max_logits_H}
     if self.moe:
-      ffn_BTD, moe_aux = MoE(cfg, self.decode, name="moe")(y_BTD)
+      valid_BT = None if segment_ids_BT is None else segment_ids_BT > 0
+      ffn_BTD, moe_aux = MoE(cfg, self.decode, name="moe")(y_BTD, valid_BT)
       aux.update(moe_aux)
     else:
       ffn_BTD = MLP(cfg, cfg.intermediate_size, name="mlp")(y_BTD)
@@ -69,7 +76,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT: jnp.ndarray, positions_BT: jnp.ndarray | None = None,
-               decode: bool = False):
+               segment_ids_BT: jnp.ndarray | None = None, decode: bool = False):
     cfg = self.cfg
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
@@ -80,18 +87,19 @@ class Transformer(nn.Module):
     max_logits, aux = [], {}
     if cfg.num_dense_layers:
       x_BTD, dense_aux = block_stack(cfg, False, cfg.num_dense_layers, "dense_layers", decode)(
-          x_BTD, positions_BT)
+          x_BTD, positions_BT, segment_ids_BT)
       max_logits.append(dense_aux["max_logits"])
     if cfg.num_moe_layers:
       x_BTD, moe_aux = block_stack(cfg, True, cfg.num_moe_layers, "moe_layers", decode)(
-          x_BTD, positions_BT)
+          x_BTD, positions_BT, segment_ids_BT)
       max_logits.append(moe_aux["max_logits"])
       aux = {"expert_load": moe_aux["expert_load"],
-             "balance_loss": jnp.sum(moe_aux["balance_loss"]),
+             "balance_loss": jnp.sum(moe_aux["balance_loss"], axis=0),
              "dropped_frac": jnp.mean(moe_aux["dropped_frac"])}
     else:
       aux = {"expert_load": jnp.zeros((0, cfg.n_routed_experts), jnp.float32),
-             "balance_loss": jnp.zeros((), jnp.float32), "dropped_frac": jnp.zeros((), jnp.float32)}
+             "balance_loss": jnp.zeros(tokens_BT.shape[:1], jnp.float32),
+             "dropped_frac": jnp.zeros((), jnp.float32)}
     aux["max_logits"] = jnp.concatenate(max_logits, axis=0)
     x_BTD = RMSNorm(cfg, cfg.rms_norm_eps, name="final_norm")(x_BTD)
     logits_BTV = Dense(cfg, cfg.vocab_size, ("embed", "vocab"), name="lm_head")(x_BTD)

@@ -26,9 +26,8 @@ from k2jax.optim.newton_schulz import NS_COEFFS, newton_schulz
 from k2jax.paths import path_str
 
 # XLA:CPU runs a batched dot over many small matrices far below its matmul peak; a loop over
-# batches of 32 matrices gives the same numbers 1.7x faster for k2_small's 1365 [128, 512]
-# expert matrices, 1.33x for all its Muon leaves (benchmarks/RESULTS.md). Accelerators take the
-# whole batch at once.
+# batches of 32 matrices gives the same numbers faster (benchmarks/optimizer_step.py measures
+# both). Accelerators take the whole batch at once.
 CPU_NS_BATCH = 32
 
 

@@ -4,13 +4,16 @@
 `updates, state = tx.update(grads, state, params, max_logits=aux["max_logits"])`;
 `params = optax.apply_updates(params, updates)` performs K2's Algorithm 1 (Muon on the "muon"
 leaves, AdamW with the same lr and wd on the "adamw" leaves) followed by QK-Clip on the updated
-weights. `optimizer_metrics(state)` reads the last step's metrics.
+weights. `optimizer_metrics(state)` reads the last step's metrics. Params straight from
+`model.init` (flax's LogicallyPartitioned boxes) are accepted: rules match the unboxed paths and
+the updates come back boxed like the params.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -39,6 +42,13 @@ def _rms_metrics(updates, labels) -> dict[str, jax.Array]:
     total = sum((jnp.sum(jnp.square(u.astype(jnp.float32))) for u in leaves), jnp.float32(0))
     metrics[f"update_rms/{role}"] = jnp.sqrt(total / count)
   return metrics
+
+
+def _rebox(boxed, tree):
+  """`tree` (plain arrays) in the boxes of `boxed` (flax AxisMetadata: LogicallyPartitioned)."""
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return jax.tree.map(lambda b, x: b.replace_boxed(x) if is_box(b) else x, boxed, tree,
+                      is_leaf=is_box)
 
 
 def _with_roles(matrix_tx: optax.GradientTransformation, learning_rate, *, weight_decay: float,
@@ -70,6 +80,7 @@ def _with_roles(matrix_tx: optax.GradientTransformation, learning_rate, *, weigh
     label_fn)
 
   def init_fn(params):
+    params = nn.meta.unbox(params)
     metrics = {f"update_rms/{role}": jnp.zeros((), jnp.float32) for role in ("muon", "adamw")}
     if targets is not None:
       _, num_layers = qk_clip_lib.resolve(targets, params)
@@ -79,6 +90,7 @@ def _with_roles(matrix_tx: optax.GradientTransformation, learning_rate, *, weigh
 
   def update_fn(updates, state, params=None, *, max_logits=None, **extra_args):
     del extra_args
+    boxed, updates, params = updates, nn.meta.unbox(updates), nn.meta.unbox(params)
     if targets is not None:
       if params is None:
         raise ValueError("QK-Clip needs params: call tx.update(grads, state, params, ...)")
@@ -93,7 +105,7 @@ def _with_roles(matrix_tx: optax.GradientTransformation, learning_rate, *, weigh
       updates, clip_metrics = qk_clip_lib.qk_clip(updates, params, max_logits, qk_clip_tau,
                                                   matches)
       metrics.update(clip_metrics)
-    return updates, OptimizerState(inner_state, metrics)
+    return _rebox(boxed, updates), OptimizerState(inner_state, metrics)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -150,7 +162,8 @@ def adamw(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float = 0.1, b
 
 
 def optimizer_metrics(state) -> dict[str, jax.Array]:
-  """The last update's metrics from a muonclip/muon/adamw state (also nested in optax wrappers).
+  """The last update's metrics from a muonclip/muon/adamw state (also nested in optax wrappers);
+  empty for a state that holds none (another optax transform).
 
   update_rms/muon, update_rms/adamw: RMS of the update (lr and weight decay included, QK-Clip
   not) over all leaves of that role; with QK-Clip, qk_clip/clipped_heads [L] int32 (heads above
@@ -158,6 +171,4 @@ def optimizer_metrics(state) -> dict[str, jax.Array]:
   """
   is_ours = lambda x: isinstance(x, OptimizerState)
   found = [s for s in jax.tree.leaves(state, is_leaf=is_ours) if is_ours(s)]
-  if not found:
-    raise ValueError("optimizer_metrics: no k2jax optimizer state (OptimizerState) in the tree")
-  return dict(found[0].metrics)
+  return dict(found[0].metrics) if found else {}

@@ -1,4 +1,4 @@
-"""Newton-Schulz orthogonalisation of batches of matrices (K2_SPEC §4, Keller Jordan's Muon).
+"""Newton-Schulz orthogonalisation of batches of matrices (Keller Jordan's Muon, Moonlight).
 
 The last two axes of the input are the matrix; any leading axes (scanned layers, experts) are a
 batch, each slice orthogonalised on its own. The iteration runs in `dtype` with float32

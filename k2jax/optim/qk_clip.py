@@ -1,4 +1,4 @@
-"""QK-Clip (K2_SPEC §4): rescale the query/key weights of heads whose max logit exceeds tau.
+"""QK-Clip (K2 report, §2.1): rescale the query/key weights of heads whose max logit exceeds tau.
 
 For layer l and head h with S_max[l, h] > tau, gamma = tau / S_max[l, h]; each head's output
 columns of a query or key kernel are scaled, segment by segment, by gamma ** exponent. MLA: the

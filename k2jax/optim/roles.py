@@ -18,7 +18,7 @@ from k2jax.paths import path_str
 
 ROLES = ("muon", "adamw", "frozen")
 
-# K2_SPEC §4: embeddings, LM head, norm gains and biases get AdamW; every other matrix Muon.
+# Moonlight / K2: embeddings, LM head, norm gains and biases get AdamW; every other matrix Muon.
 DEFAULT_RULES: tuple[tuple[str, str], ...] = (
   (r"e_score_correction_bias$", "frozen"),
   (r"(^|/)embed(/|$)", "adamw"),

@@ -1,24 +1,22 @@
-"""Training: experiment configs, the train step, orbax checkpoints, metrics, and the loop."""
+"""Training: experiment configs, loss terms, the train step, orbax checkpoints, metrics, the loop.
 
-from k2jax.train.config import ConfigError, default_config, model_config, validate
-from k2jax.train.loop import build_optimizer, train
-from k2jax.train.sample import sample_tokens
-from k2jax.train.schedules import make_schedule
-from k2jax.train.state import TrainState, init_state, state_shardings
-from k2jax.train.step import make_eval_step, make_train_step
+Names import on first use, so `k2jax.train.step` (the train step alone) needs neither grain nor
+ml_collections, as on a bare accelerator image.
+"""
 
-__all__ = [
-  "ConfigError",
-  "TrainState",
-  "build_optimizer",
-  "default_config",
-  "init_state",
-  "make_eval_step",
-  "make_schedule",
-  "make_train_step",
-  "model_config",
-  "sample_tokens",
-  "state_shardings",
-  "train",
-  "validate",
-]
+import importlib
+
+_EXPORTS = {
+    "ConfigError": "config", "default_config": "config", "model_config": "config",
+    "validate": "config", "train": "loop", "build_optimizer": "optimizer",
+    "make_schedule": "schedules", "TrainState": "state", "init_state": "state",
+    "state_shardings": "state", "make_eval_step": "step", "make_train_step": "step",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f"k2jax.train.{_EXPORTS[name]}"), name)
+  raise AttributeError(f"module 'k2jax.train' has no attribute {name!r}")

@@ -1,8 +1,9 @@
 """Experiment configs: defaults, validation with one-line errors, and the resolved ModelConfig.
 
-An experiment config is an ml_collections ConfigDict with sections model, train, optimizer, router,
-checkpoint, data, mesh, sample and a seed. `config.model.preset` names a k2jax preset; every other
-field of config.model is a ModelConfig field that overrides it when set (None keeps the preset's).
+An experiment config is an ml_collections ConfigDict with sections model, train, loss, optimizer,
+router, checkpoint, data, mesh, sample and a seed. `config.model.preset` names a k2jax preset;
+every other field of config.model is a ModelConfig field that overrides it when set (None keeps
+the preset's). `config.loss` maps loss-term names (k2jax.train.losses.TERMS) to their weights.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from k2jax import data as data_lib
 from k2jax import presets, sharding
 from k2jax.config import ModelConfig
 from k2jax.model import partitioning
+from k2jax.train import losses
 from k2jax.train.schedules import SCHEDULES
 
 OPTIMIZERS = ("muonclip", "muon", "adamw")
@@ -45,6 +47,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=600, batch_size=16, seq_len=256, grad_accum=1, log_every=10, eval_every=100,
       eval_batches=4))
+  # Term weights; "balance" is DeepSeek-V3's sequence-wise balance loss (DS-V3: 1e-4).
+  c.loss = ml_collections.ConfigDict(dict(cross_entropy=1.0, balance=0.0))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="muonclip", lr=2e-3, schedule="wsd", warmup_steps=50, decay_fraction=0.2,
       final_lr_fraction=0.1, weight_decay=0.1, qk_clip_tau=100.0, grad_clip=1.0,
@@ -61,8 +65,13 @@ def _fail(key: str, msg: str):
   raise ConfigError(f"config.{key} {msg}")
 
 
+FREE_SECTIONS = ("loss",)  # their keys are checked against a registry instead.
+
+
 def _check_keys(cfg, ref, prefix: str = "") -> None:
   for key in cfg.keys():
+    if prefix + key in FREE_SECTIONS:
+      continue
     if key not in ref:
       _fail(prefix + key, f"is not a known key (known: {', '.join(sorted(ref.keys()))})")
     if isinstance(ref[key], ml_collections.ConfigDict):
@@ -138,8 +147,17 @@ def validate(config) -> None:
     _fail("router.centered", f"must be True or False, got {config.router.centered!r}")
   if not isinstance(config.checkpoint.async_save, bool):
     _fail("checkpoint.async_save", f"must be True or False, got {config.checkpoint.async_save!r}")
+  try:
+    losses.check_weights(loss_weights(config))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if config.model.preset not in presets.names():
     _fail("model.preset", f"must be one of {presets.names()}, got {config.model.preset!r}")
+
+
+def loss_weights(config) -> dict:
+  """{term name: weight} of config.loss."""
+  return dict(config.loss.items())
 
 
 def model_config(config, vocab_size: int) -> ModelConfig:

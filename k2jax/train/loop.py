@@ -1,18 +1,17 @@
-"""`train(config, workdir)`: one experiment end to end.
+"""`train(config, workdir)`: one experiment end to end, in three parts.
 
-Order: validate the config, the workdir, the data and the tokenizer (one-line ConfigError before
-anything compiles); build the model, optimizer and state; resume from the latest valid checkpoint;
-compile; train with metrics read one step late; evaluate, log, checkpoint; plot; sample.
-A NaN/Inf loss or gradient norm raises FloatingPointError without writing a checkpoint. SIGTERM
-saves a checkpoint and returns.
+- `Run(config, workdir)` (setup): validates the config, the workdir, the data and the tokenizer
+  (one-line ConfigError before anything compiles), builds the model, optimizer, mesh and state,
+  and resumes from the latest valid checkpoint.
+- `run.loop()`: trains with metrics read one step late; evaluates, logs, checkpoints. A NaN/Inf
+  loss or gradient norm raises FloatingPointError without writing a checkpoint; SIGTERM saves a
+  checkpoint and returns.
+- `run.report()`: the plot, the trajectory table and a sample from the cached decoder.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import pathlib
 import signal
 import threading
 import time
@@ -23,59 +22,38 @@ import jax.numpy as jnp
 import numpy as np
 
 from k2jax import data as data_lib
-from k2jax import distributed, optim, sharding
+from k2jax import decode, distributed, sharding
 from k2jax.flops import flops_per_token
-from k2jax.model import partitioning
 from k2jax.model.counting import count_params
-from k2jax.perf import matmul_peak_flops
+from k2jax.perf import cached_matmul_peak_flops
 from k2jax.train import config as config_lib
+from k2jax.train import workdir as workdir_lib
 from k2jax.train.checkpoint import Checkpointer
 from k2jax.train.metrics import MetricsWriter, read_metrics, truncate_metrics
+from k2jax.train.optimizer import build_optimizer
 from k2jax.train.plot import plot_run
-from k2jax.train.sample import sample_tokens
-from k2jax.train.schedules import make_schedule
 from k2jax.train.state import TrainState, init_state, state_shardings
 from k2jax.train.step import make_eval_step, make_train_step
 
 
-def build_optimizer(config, model_cfg, schedule, mesh=None):
-  """config.optimizer -> the k2jax optax transform (QK-Clip only for muonclip).
-
-  On a mesh that splits parameters (fsdp, expert or tensor > 1), Muon's Newton-Schulz runs
-  sharded (Distributed Muon); on a data-parallel mesh the replicated matrices are batched.
-  """
-  o = config.optimizer
-  splits = mesh is not None and any(mesh.shape[a] > 1 for a in ("fsdp", "expert", "tensor"))
-  shardings = partitioning.variable_shardings(model_cfg, mesh)["params"] if splits else None
-  if o.name == "muonclip":
-    return optim.muonclip(schedule, weight_decay=o.weight_decay, qk_clip_tau=o.qk_clip_tau,
-                          model_config=model_cfg, ns_dtype=jnp.dtype(o.ns_dtype),
-                          param_shardings=shardings)
-  if o.name == "muon":
-    return optim.muon(schedule, weight_decay=o.weight_decay, ns_dtype=jnp.dtype(o.ns_dtype),
-                      param_shardings=shardings)
-  return optim.adamw(schedule, weight_decay=o.weight_decay)
+def train(config, workdir: str) -> dict[str, Any]:
+  """Trains config in workdir (resuming from its checkpoints); returns the final summary."""
+  run = Run(config, workdir)
+  with jax.set_mesh(run.mesh):
+    try:
+      run.loop()
+    finally:
+      run.close()
+    return run.report()
 
 
-def _check_workdir(workdir: str) -> pathlib.Path:
-  path = pathlib.Path(workdir)
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f".write_test.{os.getpid()}"
-    probe.write_text("ok")
-    probe.unlink()
-  except OSError as e:
-    raise config_lib.ConfigError(f"workdir {workdir}: not writable ({e.strerror or e})") from e
-  return path
-
-
-class _Setup:
-  """Everything train() builds before compiling."""
+class Run:
+  """What a training run builds before its loop, and the loop's state (setup)."""
 
   def __init__(self, config, workdir: str):
     config_lib.validate(config)
-    self.workdir = _check_workdir(workdir)
-    t = config.train
+    self.config, t = config, config.train
+    self.workdir = workdir_lib.check_writable(workdir)
     try:
       self.tokenizer = data_lib.build_tokenizer(config.data, str(self.workdir))
       self.train_iter = data_lib.make_iterator(config.data, self.tokenizer, "train",
@@ -89,16 +67,168 @@ class _Setup:
         self.bytes_per_token = data_lib.bytes_per_token(config.data, self.tokenizer)
     except (ValueError, OSError) as e:
       raise config_lib.ConfigError(str(e).splitlines()[0]) from e
-    self.model_cfg = config_lib.model_config(config, self.tokenizer.vocab_size)
+    self.cfg = config_lib.model_config(config, self.tokenizer.vocab_size)
     sizes = config_lib.mesh_shape(config)
     self.num_devices = math.prod(sizes.values())
     self.mesh = sharding.make_mesh(sizes, jax.devices()[:self.num_devices])
-    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.tx, self.schedule = build_optimizer(config, self.cfg, self.mesh)
+    self.primary = distributed.is_primary()
+    workdir_lib.check_same_run(self.workdir, config, self.cfg, write=self.primary)
+    if self.primary:
+      (self.workdir / workdir_lib.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+
+    with jax.set_mesh(self.mesh):
+      self.state_sh = state_shardings(self.cfg, self.tx, self.mesh)
+      self.state = init_state(self.cfg, self.tx, config.seed, shardings=self.state_sh)
+    self.ckpt = Checkpointer(self.workdir / workdir_lib.CHECKPOINT_DIR, config.checkpoint.keep,
+                             config.checkpoint.async_save)
+    self.start, self.last_saved = 0, None
+    restored = self.ckpt.restore_latest(self.state)
+    if restored is not None:
+      self.start, self.state, data_state = restored
+      self.last_saved = self.start
+      self.train_iter.set_state(data_state)
+      if self.primary:
+        truncate_metrics(self.workdir, self.start)
+      print(f"resumed from {self.ckpt.directory / str(self.start)}", flush=True)
+    self.stopped = None
+    self.writer = MetricsWriter(self.workdir, t.steps) if self.primary else None
+    self._print_header()
+
+  def _print_header(self) -> None:
+    config, t, cfg = self.config, self.config.train, self.cfg
+    counts = count_params(cfg)
+    self.flops_per_token = flops_per_token(cfg, t.seq_len)
+    self.peak = cached_matmul_peak_flops(jnp.dtype(cfg.dtype)) * self.num_devices
+    print(f"k2jax: {config.model.preset} ({counts['total'] / 1e6:.2f}M params, "
+          f"{counts['activated'] / 1e6:.2f}M activated), {config.optimizer.name}, "
+          f"{t.steps} steps x {t.batch_size} x {t.seq_len} tokens, dtype {cfg.dtype}, "
+          f"{self.num_devices} device(s), peak {self.peak / 1e12:.2f} TFLOP/s, "
+          f"{self.flops_per_token / 1e6:.1f} MFLOP/token", flush=True)
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """The global batch (every process reads all of it) as arrays over the mesh's devices."""
+    batch_sharding = sharding.batch_sharding(self.mesh)
     return jax.tree.map(lambda x: jax.make_array_from_callback(
-        x.shape, self.batch_sharding, lambda index: x[index]), batch)
+        x.shape, batch_sharding, lambda index: x[index]), batch)
+
+  def evaluate(self, state: TrainState) -> dict[str, float]:
+    """eval_<term> means over the eval batches; eval_loss their weighted sum; bits per byte."""
+    values = [self.eval_step(state.params, state.router, self.put_batch(b))
+              for b in self.eval_batches]
+    out = {f"eval_{k}": float(np.mean([v[k] for v in jax.device_get(values)]))
+           for k in values[0]}
+    if "eval_cross_entropy" in out:
+      out["eval_bits_per_byte"] = out["eval_cross_entropy"] / math.log(2) / self.bytes_per_token
+    return out
+
+  def loop(self) -> None:
+    """Trains from self.start to config.train.steps (see the module docstring)."""
+    config, t = self.config, self.config.train
+    weights = config_lib.loss_weights(config)
+    train_step = make_train_step(
+        self.cfg, self.tx, self.schedule, loss_weights=weights, grad_accum=t.grad_accum,
+        grad_clip=config.optimizer.grad_clip, bias_update_rate=config.router.bias_update_rate,
+        bias_centered=config.router.centered, mesh=self.mesh, state_shardings=self.state_sh)
+    self.eval_step = make_eval_step(self.cfg, weights, mesh=self.mesh)
+    log = _Log(self, t.batch_size * t.seq_len)
+    every = config.checkpoint.every_steps
+    with _SigtermFlag() as sigterm:
+      compiled, pending = None, None  # pending: (step, metrics, extra) not yet fetched.
+      for step in range(self.start + 1, t.steps + 1):
+        batch = self.put_batch(next(self.train_iter))
+        data_state = self.train_iter.get_state()
+        if compiled is None:
+          compiled = log.timed_compile(train_step, self.state, batch)
+        self.state, metrics = compiled(self.state, batch)
+        if pending is not None:  # one step late: step i runs while step i - 1 is read.
+          log.finish(*pending)
+        extra = {}
+        if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+          jax.block_until_ready(metrics)  # the step's own time stays in the window.
+          extra = log.paused(self.evaluate, self.state)
+        pending = (step, metrics, extra)
+        if step == t.steps or sigterm.raised or (every and step % every == 0):
+          log.finish(*pending)  # a state is written only after its step's metrics are checked.
+          pending = None
+          if log.paused(self.ckpt.save, step, self.state, data_state):
+            self.last_saved = step
+        if sigterm.raised:
+          self.stopped = f"SIGTERM at step {step}"
+          print(f"SIGTERM: saved step {step}, exiting", flush=True)
+          break
+      if pending is not None:
+        log.finish(*pending)
+
+  def close(self) -> None:
+    self.ckpt.wait()
+    self.ckpt.close()
+    if self.writer is not None:
+      self.writer.close()
+    self.train_iter.close()
+
+  def report(self) -> dict[str, Any]:
+    """The summary; on the primary process also the plot, the trajectory and a sample."""
+    config = self.config
+    summary = {"start_step": self.start, "stopped": self.stopped, "step": int(self.state.step)}
+    if not self.primary:  # metrics, plot and sample are process 0's.
+      return summary
+    records = read_metrics(self.workdir)
+    tau = config.optimizer.qk_clip_tau if config.optimizer.name == "muonclip" else None
+    summary["plot"] = str(plot_run(self.workdir, tau))
+    summary.update({k: records[-1][k] for k in ("loss", "eval_loss", "eval_bits_per_byte")
+                    if records and k in records[-1]})
+    _print_trajectory(records)
+    if jax.process_count() > 1 and config.sample.num_tokens:
+      print("sample: skipped in a multi-process run (sample from the checkpoint with "
+            "experiments/generate.py)", flush=True)
+    elif config.sample.num_tokens and self.stopped is None:
+      out = decode.generate(self.cfg, {"params": self.state.params, "router": self.state.router},
+                            [self.tokenizer.encode(config.sample.prompt)],
+                            config.sample.num_tokens, temperature=config.sample.temperature,
+                            seed=config.seed, valid_vocab=self.tokenizer.vocab_size)
+      summary["sample"] = config.sample.prompt + self.tokenizer.decode(out.tokens[0])
+      print(f"--- sample ---\n{summary['sample']}\n--------------", flush=True)
+    return summary
+
+
+class _Log:
+  """Reads a step's metrics, checks them, writes them at log and eval steps with throughput over
+  the log window (from its first step and start time; eval, checkpoint and compile time is left
+  out by moving the start forward by their duration)."""
+
+  def __init__(self, run: Run, tokens_per_step: int):
+    self.run, self.tokens_per_step = run, tokens_per_step
+    self.step, self.time = run.start, time.perf_counter()
+
+  def paused(self, fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    self.time += time.perf_counter() - t0
+    return out
+
+  def timed_compile(self, step_fn, state, batch):
+    t0 = time.perf_counter()
+    compiled = self.paused(lambda: step_fn.lower(state, batch).compile())
+    print(f"compiled the train step in {time.perf_counter() - t0:.1f}s", flush=True)
+    return compiled
+
+  def finish(self, step: int, metrics, extra: dict) -> None:
+    run, t = self.run, self.run.config.train
+    m = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+    m = {k: (v.item() if v.ndim == 0 else v) for k, v in m.items()}
+    now = time.perf_counter()
+    for key in ("loss", "grad_norm"):
+      if not math.isfinite(m[key]):
+        where = f"step {run.last_saved}" if run.last_saved is not None else "none"
+        raise FloatingPointError(f"step {step}: {key} is {m[key]}; stopping without saving "
+                                 f"(last good checkpoint: {where})")
+    if extra or step % t.log_every == 0 or step == t.steps:
+      tps = (step - self.step) * self.tokens_per_step / max(now - self.time, 1e-9)
+      if run.writer is not None:
+        run.writer.write({"step": step, **m, "tokens_per_sec": tps,
+                          "mfu": run.flops_per_token * tps / run.peak, **extra})
+      self.step, self.time = step, time.perf_counter()
 
 
 class _SigtermFlag:
@@ -120,174 +250,6 @@ class _SigtermFlag:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
-
-
-# ModelConfig fields that change numerics but not the shapes of the state a checkpoint holds.
-_NUMERICS_FIELDS = ("dtype", "moe_dispatch", "capacity_factor", "moe_block_size", "remat",
-                    "scan_layers")
-RUN_FILE = "run.json"
-
-
-def _check_same_run(workdir: pathlib.Path, config, cfg, write: bool) -> None:
-  """A workdir resumes only the run it holds: same model shapes and optimizer."""
-  now = {"optimizer": config.optimizer.name,
-         **{k: v for k, v in cfg.to_dict().items() if k not in _NUMERICS_FIELDS}}
-  path = workdir / RUN_FILE
-  has_checkpoints = any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*"))
-  if path.exists() and has_checkpoints:
-    before = json.loads(path.read_text())
-    diff = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
-    if diff:
-      k = diff[0]
-      raise config_lib.ConfigError(
-          f"workdir {workdir} holds a run with {k}={before.get(k)!r}, this config has "
-          f"{now.get(k)!r} ({len(diff)} field(s) differ); use another workdir")
-  if write:
-    path.write_text(json.dumps(now, indent=2))
-
-
-def _check_finite(step: int, m: dict, last_saved: int | None) -> None:
-  for key in ("loss", "grad_norm"):
-    if not math.isfinite(m[key]):
-      where = f"step {last_saved}" if last_saved is not None else "none"
-      raise FloatingPointError(f"step {step}: {key} is {m[key]}; stopping without saving "
-                               f"(last good checkpoint: {where})")
-
-
-def train(config, workdir: str) -> dict[str, Any]:
-  """Trains config in workdir (resuming from its checkpoints); returns the final summary."""
-  s = _Setup(config, workdir)
-  t, cfg = config.train, s.model_cfg
-  schedule = make_schedule(config.optimizer.schedule, config.optimizer.lr, t.steps,
-                           config.optimizer.warmup_steps, config.optimizer.decay_fraction,
-                           config.optimizer.final_lr_fraction)
-  tx = build_optimizer(config, cfg, schedule, s.mesh)
-  primary = distributed.is_primary()
-  _check_same_run(s.workdir, config, cfg, write=primary)
-  if primary:
-    (s.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-
-  with jax.set_mesh(s.mesh):
-    state_sh = state_shardings(cfg, tx, s.mesh)
-    state = init_state(cfg, tx, config.seed, shardings=state_sh)
-    ckpt = Checkpointer(s.workdir / "checkpoints", config.checkpoint.keep,
-                        config.checkpoint.async_save)
-    restored = ckpt.restore_latest(state)
-    start = 0
-    if restored is not None:
-      start, state, data_state = restored
-      s.train_iter.set_state(data_state)
-      if primary:
-        truncate_metrics(s.workdir, start)
-      print(f"resumed from {ckpt.directory / str(start)}", flush=True)
-    last_saved = start if restored is not None else None
-
-    counts = count_params(cfg)
-    fpt = flops_per_token(cfg, t.seq_len)
-    peak = matmul_peak_flops(jnp.dtype(cfg.dtype)) * s.num_devices
-    print(f"k2jax: {config.model.preset} ({counts['total'] / 1e6:.2f}M params, "
-          f"{counts['activated'] / 1e6:.2f}M activated), {config.optimizer.name}, "
-          f"{t.steps} steps x {t.batch_size} x {t.seq_len} tokens, dtype {cfg.dtype}, "
-          f"{s.num_devices} device(s), peak {peak / 1e12:.2f} TFLOP/s, "
-          f"{fpt / 1e6:.1f} MFLOP/token", flush=True)
-
-    train_step = make_train_step(
-        cfg, tx, schedule, grad_accum=t.grad_accum, grad_clip=config.optimizer.grad_clip,
-        bias_update_rate=config.router.bias_update_rate, bias_centered=config.router.centered,
-        mesh=s.mesh, state_shardings=state_sh)
-    eval_step = make_eval_step(cfg, s.mesh)
-    writer = MetricsWriter(s.workdir, t.steps) if primary else None
-    tokens_per_step = t.batch_size * t.seq_len
-    summary: dict[str, Any] = {"start_step": start, "stopped": None}
-
-    def evaluate(st: TrainState) -> dict[str, float]:
-      losses = [eval_step(st.params, st.router, s.put_batch(b)) for b in s.eval_batches]
-      loss = float(np.mean(jax.device_get(losses)))
-      return {"eval_loss": loss,
-              "eval_bits_per_byte": loss / math.log(2) / s.bytes_per_token}
-
-    # The log window: its first step and start time. Eval and checkpoint time is left out by
-    # moving the start forward by their duration.
-    clock = {"step": start, "time": 0.0}
-
-    def paused(fn, *args):
-      t0 = time.perf_counter()
-      out = fn(*args)
-      clock["time"] += time.perf_counter() - t0
-      return out
-
-    def finish(step: int, metrics, extra: dict) -> None:
-      """Fetches a step's metrics (waiting for it), checks them, logs at log/eval steps."""
-      m = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
-      m = {k: (v.item() if v.ndim == 0 else v) for k, v in m.items()}
-      now = time.perf_counter()
-      _check_finite(step, m, last_saved)
-      if extra or step % t.log_every == 0 or step == t.steps:
-        seconds = max(now - clock["time"], 1e-9)
-        tps = (step - clock["step"]) * tokens_per_step / seconds
-        if writer is not None:
-          writer.write({"step": step, **m, "tokens_per_sec": tps, "mfu": fpt * tps / peak,
-                        **extra})
-        clock.update(step=step, time=time.perf_counter())
-
-    try:
-      with _SigtermFlag() as sigterm:
-        compiled, pending = None, None  # pending: (step, metrics, extra) not yet fetched.
-        for i in range(start, t.steps):
-          step = i + 1
-          batch = s.put_batch(next(s.train_iter))
-          data_state = s.train_iter.get_state()
-          if compiled is None:
-            t0 = time.perf_counter()
-            compiled = train_step.lower(state, batch).compile()
-            print(f"compiled the train step in {time.perf_counter() - t0:.1f}s", flush=True)
-            clock["time"] = time.perf_counter()
-          state, metrics = compiled(state, batch)
-          if pending is not None:  # one step late: step i runs while step i - 1 is read.
-            finish(*pending)
-          extra = {}
-          if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-            jax.block_until_ready(metrics)  # the step's own time stays in the window.
-            extra = paused(evaluate, state)
-          pending = (step, metrics, extra)
-          every = config.checkpoint.every_steps
-          if step == t.steps or sigterm.raised or (every and step % every == 0):
-            finish(*pending)  # a state is written only after its step's metrics are checked.
-            pending = None
-            if paused(ckpt.save, step, state, data_state):
-              last_saved = step
-          if sigterm.raised:
-            summary["stopped"] = f"SIGTERM at step {step}"
-            print(f"SIGTERM: saved step {step}, exiting", flush=True)
-            break
-        if pending is not None:
-          finish(*pending)
-    finally:
-      ckpt.wait()
-      ckpt.close()
-      if writer is not None:
-        writer.close()
-      s.train_iter.close()
-
-    summary["step"] = int(state.step)
-    if not primary:  # metrics, plot and sample are process 0's.
-      return summary
-    records = read_metrics(s.workdir)
-    summary.update(plot=str(plot_run(
-        s.workdir, config.optimizer.qk_clip_tau if config.optimizer.name == "muonclip" else None)))
-    summary.update({k: records[-1][k] for k in ("loss", "eval_loss", "eval_bits_per_byte")
-                    if records and k in records[-1]})
-    _print_trajectory(records)
-    if jax.process_count() > 1 and config.sample.num_tokens:
-      print("sample: skipped in a multi-process run (sample from the checkpoint with "
-            "experiments/generate.py)", flush=True)
-    elif config.sample.num_tokens and summary["stopped"] is None:
-      ids = sample_tokens(cfg, {"params": state.params, "router": state.router},
-                          s.tokenizer.encode(config.sample.prompt), config.sample.num_tokens,
-                          config.sample.temperature, state.rng, s.tokenizer.vocab_size)
-      summary["sample"] = config.sample.prompt + s.tokenizer.decode(ids)
-      print(f"--- sample ---\n{summary['sample']}\n--------------", flush=True)
-  return summary
 
 
 def _print_trajectory(records: list[dict], rows: int = 8) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from tensorboardX import SummaryWriter
 
-METRICS_FILE = "metrics.jsonl"
+from k2jax.train.workdir import METRICS_FILE, TENSORBOARD_DIR
 
 
 def to_python(value: Any) -> Any:
@@ -70,7 +70,7 @@ class MetricsWriter:
     self.workdir = pathlib.Path(workdir)
     self.total_steps = total_steps
     self._file = open(self.workdir / METRICS_FILE, "a")
-    self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+    self._tb = SummaryWriter(str(self.workdir / TENSORBOARD_DIR))
     self._console = console
     self._first: tuple[int, float] | None = None  # (step, time) of the first record.
 

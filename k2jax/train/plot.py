@@ -10,15 +10,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from k2jax.train.metrics import read_metrics  # noqa: E402
-
-PLOT_FILE = "training.png"
+from k2jax.train.workdir import METRICS_FILE, PLOT_FILE  # noqa: E402
 
 
 def plot_run(workdir: str | pathlib.Path, tau: float | None = None) -> pathlib.Path:
   """Writes `<workdir>/training.png` from metrics.jsonl; `tau` draws the QK-Clip threshold."""
   records = read_metrics(workdir)
   if not records:
-    raise ValueError(f"{pathlib.Path(workdir) / 'metrics.jsonl'}: no metrics to plot")
+    raise ValueError(f"{pathlib.Path(workdir) / METRICS_FILE}: no metrics to plot")
   fig, (ax_loss, ax_logit) = plt.subplots(1, 2, figsize=(11, 4))
 
   def series(key):

@@ -1,5 +1,6 @@
-"""Generation with the compressed MLA cache: per-step parity with the full forward, transformers'
-greedy `generate` token for token (uneven prompts batched, stop tokens), nucleus sampling."""
+"""The decoder (compressed MLA cache): per-step parity with the full forward, transformers' greedy
+`generate` token for token (uneven prompts batched, stop tokens), log-probs, top-k and nucleus
+sampling, streaming, and the train loop's closing sample on the same path."""
 
 import functools
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 from test_hf_parity import CASES, _hf_model
 
-from k2jax.generate import generate
+from k2jax import decode
+from k2jax.decode import generate
 from k2jax.hf import from_torch_state_dict
 from k2jax.model import Transformer
 from k2jax.model.transformer import init_cache
@@ -71,7 +73,9 @@ def test_greedy_matches_transformers_generate():
   stop = ref[1][4]
   want = [r[:r.index(stop) + 1] if stop in r else r for r in ref]
   assert len(want[1]) <= 5 and max(len(w) for w in want) == n_new
-  assert generate(cfg, variables, prompts, n_new, stop_tokens=[stop]) == want
+  got = generate(cfg, variables, prompts, n_new, stop_tokens=[stop])
+  assert got.tokens == want
+  assert got.finished == [stop in w for w in want] and got.finished[1]
 
 
 def test_nucleus_sampling_draws_from_the_tempered_nucleus():
@@ -96,12 +100,12 @@ def test_nucleus_sampling_draws_from_the_tempered_nucleus():
   assert 0.5 * np.abs(want - nucleus_probs(1.0)).sum() > 0.1  # the temperature matters.
   draws = generate(cfg, variables, [prompt] * n, 1, temperature=temperature, top_p=top_p,
                    seed=3)
-  counts = np.bincount([d[0] for d in draws], minlength=cfg.vocab_size)
+  counts = np.bincount([d[0] for d in draws.tokens], minlength=cfg.vocab_size)
   assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(want))
   assert 0.5 * np.abs(counts / n - want).sum() < 0.04
   again = generate(cfg, variables, [prompt] * n, 1, temperature=temperature, top_p=top_p, seed=3)
   other = generate(cfg, variables, [prompt] * n, 1, temperature=temperature, top_p=top_p, seed=4)
-  assert again == draws and other != draws
+  assert again.tokens == draws.tokens and other.tokens != draws.tokens
 
 
 def test_bad_arguments_raise():
@@ -113,7 +117,54 @@ def test_bad_arguments_raise():
       (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
       (dict(max_new_tokens=cfg.max_position_embeddings), "exceeds max_position_embeddings"),
       (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-      (dict(temperature=-1.0), "temperature must be >= 0")]:
+      (dict(temperature=-1.0), "temperature must be >= 0"),
+      (dict(top_k=-1), r"top_k must be an integer in \[0, 64\]")]:
     args = {"prompts": [[1, 2]], "max_new_tokens": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
       generate(cfg, variables, **args)
+
+
+def test_log_probs_stops_and_streaming():
+  """Sampled rows end independently at any of several stop ids; every returned log-prob equals
+  the full forward's log-softmax at that token; the callback sees every step in order."""
+  name = "qlora_yarn"
+  cfg, (_, variables) = CASES[name], _model(name)
+  prompts = [[3, 9, 27], [5, 1, 50, 41, 2, 8, 13], [7]]
+  seen = []
+  got = generate(cfg, variables, prompts, 12, temperature=1.3, seed=1, stop_tokens=[4, 11, 30],
+                 valid_vocab=60, callback=lambda t, live: seen.append((t.copy(), live.copy())))
+  assert len(seen) == max(len(t) for t in got.tokens)
+  for b, (toks, logps) in enumerate(zip(got.tokens, got.logprobs)):
+    assert len(toks) == len(logps) and max(toks) < 60
+    assert got.finished[b] == (toks[-1] in (4, 11, 30))
+    assert not set(toks[:-1]) & {4, 11, 30}
+    assert [int(s[0][b]) for s in seen[:len(toks)]] == toks  # streamed as produced
+    assert all(s[1][b] for s in seen[:len(toks)]) and not any(s[1][b] for s in seen[len(toks):])
+    full, _ = Transformer(cfg).apply(variables, jnp.asarray([prompts[b] + toks]))
+    logp = jax.nn.log_softmax(full[0, len(prompts[b]) - 1:-1, :60])
+    want = np.take_along_axis(np.asarray(logp), np.asarray(toks)[:, None], -1)[:, 0]
+    np.testing.assert_allclose(logps, want, atol=2e-5)
+  assert sum(got.finished) >= 1 and len({len(t) for t in got.tokens}) > 1
+
+
+def test_top_k_draws_only_the_k_most_likely():
+  name = "qlora_yarn"
+  cfg, (_, variables) = CASES[name], _model(name)
+  prompt = [5, 17, 33, 2, 60, 41]
+  logits_V = np.asarray(jax.jit(Transformer(cfg).apply)(variables, jnp.asarray([prompt]))[0][0, -1])
+  draws = generate(cfg, variables, [prompt] * 512, 1, temperature=2.0, top_k=3, seed=0)
+  assert set(t[0] for t in draws.tokens) == set(np.argsort(-logits_V)[:3].tolist())
+
+
+def test_train_closing_sample_is_the_decoder(monkeypatch, corpus, tmp_path):
+  """train()'s closing sample goes through k2jax.decode.generate (one decoder)."""
+  from test_train import tiny_config
+
+  from k2jax.train import train
+  calls = []
+  real = decode.generate
+  monkeypatch.setattr(decode, "generate", lambda *a, **k: calls.append(k) or real(*a, **k))
+  config = tiny_config(corpus, steps=2, eval_every=0)
+  summary = train(config, str(tmp_path))
+  assert len(calls) == 1 and calls[0]["valid_vocab"] == 257
+  assert isinstance(summary["sample"], str) and summary["sample"].startswith(config.sample.prompt)

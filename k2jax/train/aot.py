@@ -1,0 +1,62 @@
+"""The real sharded train step compiled for a TPU slice on this host (see k2jax.aot).
+
+`train_step_report(cfg, tx, mesh, chip, label, batch_size=, seq_len=)` builds the abstract train
+state (`init_state` under `jax.eval_shape`: no parameter is allocated) and batch, and compiles
+`make_train_step` (forward, backward, the optimizer with QK-Clip, the router bias update) for
+the mesh's compile-only devices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from k2jax.aot import Chip, Report, compile_report
+from k2jax.config import ModelConfig
+from k2jax.flops import activated_matmul_params, attention_flops_per_token, flops_per_token
+from k2jax.model import partitioning
+from k2jax.plan import newton_schulz_flops_per_device
+from k2jax.train.state import init_state, state_shardings
+from k2jax.train.step import make_train_step
+
+
+def train_step_report(cfg: ModelConfig, tx, mesh: Mesh, chip: Chip, topology_label: str, *,
+                      batch_size: int, seq_len: int, muon: bool = True,
+                      **step_kwargs) -> Report:
+  """The step for `batch_size` sequences of `seq_len` tokens, compiled for `mesh`.
+
+  `tx` should be built with the mesh's `param_shardings` (`muon`: whether it runs
+  Newton-Schulz); `step_kwargs` go to `make_train_step` (loss_weights, grad_accum, grad_clip,
+  bias_update_rate, ...).
+  """
+  partitioning.check_config(cfg, mesh.shape, batch_size)
+  state = jax.eval_shape(lambda: init_state(cfg, tx, 0))
+  shardings = state_shardings(cfg, tx, mesh)
+  step = make_train_step(cfg, tx, lambda s: 0.0, mesh=mesh, state_shardings=shardings,
+                         **step_kwargs)
+  batch = {"tokens": jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32)}
+  tokens = batch_size * seq_len
+  return compile_report("train step", step, (state, batch), mesh, chip, topology_label, tokens,
+                        flops_per_token(cfg, seq_len) * tokens,
+                        train_extra_flops(cfg, mesh.shape, tokens, seq_len, muon=muon))
+
+
+def train_extra_flops(cfg: ModelConfig, mesh_shape: Mapping[str, int], tokens: int, seq_len: int,
+                      muon: bool = True) -> dict[str, float]:
+  """Per chip, the train step's work outside `flops_per_token`: the causal mask's skipped half
+  of q.k and p.v (the model computes every pair), remat "full"'s second forward of the layers,
+  and Muon's Newton-Schulz (`plan.newton_schulz_flops_per_device`)."""
+  chips = math.prod(mesh_shape.values())
+  attention = attention_flops_per_token(cfg, seq_len)  # causal: half of the pairs.
+  extra = {"unmasked attention": attention * tokens / chips}
+  if cfg.remat == "full":
+    head = cfg.hidden_size * cfg.vocab_size
+    forward = 2 * (activated_matmul_params(cfg) - head) + 2 / 3 * attention  # unmasked
+    extra["remat forward"] = forward * tokens / chips
+  if muon:
+    extra["Newton-Schulz"] = newton_schulz_flops_per_device(cfg, mesh_shape)
+  return extra

@@ -1,0 +1,104 @@
+"""The loss terms a train step can sum, by name: `config.loss` maps names to weights.
+
+A batch is a dict: `tokens` int32 [B, T+1] (inputs tokens[:, :-1], targets tokens[:, 1:]) and
+optionally `segment_ids` and `positions` [B, T+1] (packed sequences, 1, 2, ... per row, 0 for
+padding; positions restart at 0 in each) and `loss_mask` float [B, T+1]: the weight of each token
+as a prediction target (column 0 is never a target). The model's outputs reach a term as
+`{"logits": [B, T, V] float32, "aux": the model's aux}`.
+
+A term is two functions: `total(outputs, batch)`, its sum over the units of the batch (weighted
+target tokens, sequences, ...), and `count(batch)`, how many units it averages over. The step
+minimises sum_name weight * total / count, taking each count over the whole batch before gradient
+accumulation splits it, so micro-batches with more or fewer masked tokens weigh exactly as in the
+full batch. A term with no units (an all-zero loss mask) is 0, not NaN. Other modules add terms to
+TERMS (multi-token prediction, policy objectives) without touching the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Term(NamedTuple):
+  total: Callable[[dict, dict], jax.Array]  # (outputs, batch) -> sum over the batch's units
+  count: Callable[[dict], jax.Array]  # batch -> the number of units (float32 scalar)
+
+
+def model_inputs(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array | None]:
+  """The Transformer's keyword inputs: tokens, positions and segment ids of the input positions."""
+  cut = lambda key: batch[key][:, :-1] if key in batch else None
+  return {"tokens_BT": batch["tokens"][:, :-1], "positions_BT": cut("positions"),
+          "segment_ids_BT": cut("segment_ids")}
+
+
+def target_weights(batch: Mapping[str, jax.Array]) -> jax.Array:
+  """[B, T] weight of the target of each input position: the loss mask, and with packed segments
+  0 where the target starts another segment or is padding (no prediction across a boundary)."""
+  tokens = batch["tokens"]
+  w_BT = (batch["loss_mask"][:, 1:].astype(jnp.float32) if "loss_mask" in batch
+          else jnp.ones((tokens.shape[0], tokens.shape[1] - 1), jnp.float32))
+  if "segment_ids" in batch:
+    seg = batch["segment_ids"]
+    w_BT = w_BT * ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0))
+  return w_BT
+
+
+def token_log_probs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+  """log softmax(logits)[target] per position, float32 [B, T]."""
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  return picked_BT - jax.nn.logsumexp(logits_BTV, axis=-1)
+
+
+def _cross_entropy_total(outputs, batch) -> jax.Array:
+  logp_BT = token_log_probs(outputs["logits"], batch["tokens"][:, 1:])
+  return -jnp.sum(target_weights(batch) * logp_BT)
+
+
+def _rows(batch) -> jax.Array:
+  return jnp.float32(batch["tokens"].shape[0])
+
+
+TERMS: dict[str, Term] = {
+    # Next-token cross-entropy (nats) over the weighted targets.
+    "cross_entropy": Term(_cross_entropy_total, lambda b: jnp.sum(target_weights(b))),
+    # DeepSeek-V3's sequence-wise balance loss (sum_i f_i P_i per sequence, summed over MoE
+    # layers); its weight is DS-V3's alpha (1e-4).
+    "balance": Term(lambda out, b: jnp.sum(out["aux"]["balance_loss"]), _rows),
+}
+
+
+def check_weights(weights: Mapping[str, float], terms: Mapping[str, Term] = TERMS) -> None:
+  """ValueError naming the culprit for an unknown term or a weight that is not a number >= 0."""
+  if not weights:
+    raise ValueError("config.loss names no loss term")
+  for name, w in weights.items():
+    if name not in terms:
+      raise ValueError(f"config.loss.{name} is not a loss term (known: {', '.join(terms)})")
+    if not callable(w) and (isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0):
+      raise ValueError(f"config.loss.{name} must be a number >= 0, got {w!r}")
+
+
+def counts(weights: Mapping[str, float], batch, terms: Mapping[str, Term] = TERMS) -> dict:
+  """{name: count} of every weighted term over `batch` (the whole batch)."""
+  return {name: terms[name].count(batch) for name in weights}
+
+
+def term_values(weights: Mapping, outputs, batch, counts_: Mapping[str, jax.Array],
+                terms: Mapping[str, Term] = TERMS) -> dict[str, jax.Array]:
+  """{name: total / count} of each weighted term on `batch`, a part of the batch the counts were
+  taken on (their sum over the parts is the value on the whole batch)."""
+  values = {}
+  for name in weights:
+    n = counts_[name]
+    values[name] = jnp.where(n > 0, terms[name].total(outputs, batch) / jnp.maximum(n, 1e-30), 0.0)
+  return values
+
+
+def combine(weights: Mapping, values: Mapping[str, jax.Array], step=None) -> jax.Array:
+  """sum_name weight * value; a weight may be a schedule of `step`."""
+  return sum((w(step) if callable(w) else w) * values[name] for name, w in weights.items())
