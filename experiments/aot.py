@@ -45,6 +45,9 @@ _SERVE_CONTEXT = flags.DEFINE_integer("serve_context", 131072,
                                       "Serving: cache positions per row.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 4096, "Serving: prefill tokens per row.")
 _OUT = flags.DEFINE_string("out", None, "Write the reports here as JSON.")
+_EARLY = flags.DEFINE_bool("early", False,
+                           "Report at buffer assignment, from the compiler's dumps, and skip TPU "
+                           "code generation (most of a K2-size compile's time and host memory).")
 
 
 def _model_config(config):
@@ -53,7 +56,7 @@ def _model_config(config):
 
 
 def run(config, topology: str, programs, serve_batch: int, serve_context: int,
-        prompt_len: int) -> list[aot.Report]:
+        prompt_len: int, early: bool = False) -> list[aot.Report]:
   unknown = sorted(set(programs) - set(PROGRAMS))
   if unknown:
     raise ValueError(f"--programs: unknown {unknown[0]!r} (choose from {', '.join(PROGRAMS)})")
@@ -68,15 +71,15 @@ def run(config, topology: str, programs, serve_batch: int, serve_context: int,
         cfg, tx, mesh, chip, topology, batch_size=t.batch_size, seq_len=t.seq_len,
         muon=o.name != "adamw", loss_weights=loss_weights(config), grad_accum=t.grad_accum,
         grad_clip=o.grad_clip, bias_update_rate=config.router.bias_update_rate,
-        bias_centered=config.router.centered))
+        bias_centered=config.router.centered, early=early))
     print(reports[-1].format(), flush=True)
   if "prefill" in programs:
     reports.append(aot.prefill_report(cfg, mesh, chip, topology, batch=serve_batch,
-                                      prompt_len=prompt_len, context=serve_context))
+                                      prompt_len=prompt_len, context=serve_context, early=early))
     print(reports[-1].format(), flush=True)
   if "decode" in programs:
     reports.append(aot.decode_report(cfg, mesh, chip, topology, batch=serve_batch,
-                                     context=serve_context))
+                                     context=serve_context, early=early))
     print(reports[-1].format(), flush=True)
   return reports
 
@@ -86,12 +89,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     reports = run(_CONFIG.value, _TOPOLOGY.value, _PROGRAMS.value, _SERVE_BATCH.value,
-                  _SERVE_CONTEXT.value, _PROMPT_LEN.value)
+                  _SERVE_CONTEXT.value, _PROMPT_LEN.value, _EARLY.value)
   except ValueError as e:
     sys.exit(f"error: {str(e).splitlines()[0]}")
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump([r.to_dict() for r in reports], f, indent=1)
+  if _EARLY.value:
+    sys.stdout.flush()
+    os._exit(0)  # drops the compiles still generating code in their threads.
 
 
 if __name__ == "__main__":

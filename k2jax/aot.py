@@ -24,7 +24,11 @@ import dataclasses
 import importlib.util
 import math
 import os
+import pathlib
 import re
+import shutil
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -138,7 +142,7 @@ class Report:
   mesh: dict[str, int]
   tokens: int  # tokens the program processes (global)
   model_flops: float  # FLOP model (k2jax.flops) per chip
-  compile_s: float
+  compile_s: float  # seconds to `until`
   fits: bool
   # Work the compiled program does beyond the FLOP model, per chip, by source.
   extra_flops: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -151,6 +155,9 @@ class Report:
   memory_bytes: float = 0.0  # estimated HBM traffic (k2jax.hlo.memory_bytes)
   collective_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
   xla_optimal_seconds: float | None = None
+  # The largest buffers of the compiler's memory report: (bytes, "shape, shape, ...").
+  largest_buffers: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+  until: str = "code generation"  # how far the compile ran: or "buffer assignment" (early)
   compiled: Any = dataclasses.field(default=None, repr=False)  # the executable (not in to_dict)
 
   @property
@@ -197,9 +204,12 @@ class Report:
     """A few lines for a terminal."""
     mesh = " x ".join(f"{a} {n}" for a, n in self.mesh.items() if n > 1) or "1 chip"
     head = (f"{self.program} on {self.topology} ({self.num_chips} x {self.chip.name}, mesh "
-            f"{mesh}): compiled in {self.compile_s:.0f} s")
+            f"{mesh}): compiled to {self.until} in {self.compile_s:.0f} s")
+    buffers = "".join(f"\n    {b / GIB:6.2f} GiB  {shapes}" for b, shapes in self.largest_buffers)
+    if buffers:
+      buffers = "\n  largest buffers (the compiler's memory report):" + buffers
     if not self.fits:
-      return f"{head}\n  does not fit: {self.error}"
+      return f"{head}\n  does not fit: {self.error}{buffers}"
     gb = lambda b: f"{b / GIB:.2f}"
     t = self.times
     coll = ", ".join(f"{k} {gb(v)}" for k, v in self.collective_bytes.items() if v) or "none"
@@ -222,7 +232,7 @@ class Report:
         f"  estimated tokens/s per chip {self.tokens_per_s_per_chip():.0f} "
         f"({self.tokens_per_s_per_chip('serial'):.0f} serial); estimated MFU "
         f"{100 * self.mfu():.1f}% ({100 * self.mfu('serial'):.1f}% serial)",
-    ])
+    ]) + buffers
 
 
 def _does_not_fit(e: Exception) -> str | None:
@@ -233,12 +243,66 @@ def _does_not_fit(e: Exception) -> str | None:
   return None
 
 
+_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def _largest_buffers(dump_dir: str, n: int) -> list[tuple[int, str]]:
+  """The n largest buffers of the memory-usage report XLA wrote to `dump_dir`: its lines read
+  "cumulative; size; offset; values; shapes"."""
+  reports = sorted(pathlib.Path(dump_dir).glob("*memory-usage-report.txt"),
+                   key=lambda p: p.stat().st_size)
+  found = []
+  for line in (reports[-1].read_text().splitlines() if reports else []):
+    fields = [f.strip() for f in line.split(";")]
+    size = re.fullmatch(r"([\d.]+)(B|KiB|MiB|GiB|TiB)", fields[1]) if len(fields) == 5 else None
+    if size:
+      shapes = fields[4] if len(fields[4]) <= 160 else fields[4][:157] + "..."
+      found.append((round(float(size.group(1)) * _UNITS[size.group(2)]), shapes))
+  return sorted(found, key=lambda b: -b[0])[:n]
+
+
+def _dumped(dump_dir: str, suffix: str) -> pathlib.Path | None:
+  """The largest file of the dump ending in `suffix` (the program's module, not helpers')."""
+  found = sorted(pathlib.Path(dump_dir).glob(f"*{suffix}"), key=lambda p: p.stat().st_size)
+  return found[-1] if found else None
+
+
+def buffer_assignment_bytes(text: str) -> dict[str, int]:
+  """Per-device argument / output / alias / temp bytes from a TPU buffer-assignment dump, as
+  `memory_analysis()` reports them: parameters are arguments (those also live out are donated,
+  aliased outputs); the preallocated temp of the default memory space is the temporaries."""
+  out = dict.fromkeys(("argument", "output", "alias", "temp"), 0)
+  for line in text.splitlines():
+    m = re.match(r"allocation \d+: size (\d+), (.*)", line)
+    if m is None or "thread-local" in m.group(2) or "constant" in m.group(2):
+      continue
+    size, rest = int(m.group(1)), m.group(2)
+    if rest.startswith("parameter"):
+      out["argument"] += size
+      if "maybe-live-out" in rest:
+        out["alias"] += size
+        out["output"] += size
+    elif rest.startswith("preallocated-temp"):
+      out["temp"] += size
+    elif rest.startswith(("maybe-live-out", "output")):  # "output": the result tuple's table.
+      out["output"] += size
+  return out
+
+
 def compile_report(program: str, fn: Callable, args: Sequence, mesh: Mesh, chip: Chip,
                    topology_label: str, tokens: int, model_flops: float,
-                   extra_flops: Mapping[str, float] | None = None) -> Report:
+                   extra_flops: Mapping[str, float] | None = None,
+                   largest_buffers: int = 8, early: bool = False) -> Report:
   """Lowers and compiles jitted `fn` on `args` (ShapeDtypeStructs) under `mesh`.
 
   `model_flops`: the FLOP model's count for the whole program; `extra_flops`: per chip.
+  `largest_buffers`: list that many of the compiler's largest buffers (read from the memory
+  report it dumps to a temporary directory).
+  `early`: report as soon as the compiler has assigned buffers, from its dumps (the optimized
+  HLO and the buffer assignment): everything but TPU code generation, which for K2 takes most of
+  the compile and its host memory. Code generation then adds a little scratch to the
+  temporaries (megabytes). The compile goes on in a daemon thread; end the process with
+  os._exit to drop it.
   """
   t0 = time.perf_counter()
   base = dict(program=program, topology=topology_label, chip=chip, mesh=dict(mesh.shape),
@@ -246,23 +310,52 @@ def compile_report(program: str, fn: Callable, args: Sequence, mesh: Mesh, chip:
               extra_flops=dict(extra_flops or {}))
   with jax.set_mesh(mesh):
     lowered = fn.lower(*args)
+  dump = tempfile.mkdtemp(prefix="k2jax_aot_")
+  options = {"xla_dump_to": dump} if largest_buffers or early else None
+  result: dict[str, Any] = {}
+
+  def compile_():
+    try:
+      result["compiled"] = lowered.compile(compiler_options=options)
+    except Exception as e:  # XlaRuntimeError; anything but running out of HBM propagates.
+      result["error"] = e
+
   try:
-    compiled = lowered.compile()
-  except Exception as e:  # XlaRuntimeError; anything but running out of HBM propagates.
-    reason = _does_not_fit(e)
-    if reason is None:
-      raise
-    return Report(**base, compile_s=time.perf_counter() - t0, fits=False, error=reason)
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  text = compiled.as_text()
-  cost = compiled.cost_analysis() or {}
-  return Report(**base, compile_s=compile_s, fits=True,
-                argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
-                alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
+    if early:
+      thread = threading.Thread(target=compile_, daemon=True)
+      thread.start()
+      while thread.is_alive() and _dumped(dump, "after_optimizations_after_buffer_assignment.txt"
+                                          ) is None:
+        time.sleep(1.0)
+      time.sleep(2.0)  # the dump files of that stage are written together; let them land.
+    else:
+      compile_()
+    compile_s = time.perf_counter() - t0
+    buffers = _largest_buffers(dump, largest_buffers)
+    if "error" in result:
+      reason = _does_not_fit(result["error"])
+      if reason is None:
+        raise result["error"]
+      return Report(**base, compile_s=compile_s, fits=False, error=reason,
+                    largest_buffers=buffers)
+    compiled = result.get("compiled")
+    if early:  # from the dumps, whether or not the compile has finished since.
+      cost = {}
+      mem = buffer_assignment_bytes(_dumped(dump, "buffer-assignment.txt").read_text())
+      text = _dumped(dump, "after_optimizations.txt").read_text()
+    else:
+      m = compiled.memory_analysis()
+      mem = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
+                 alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes)
+      text, cost = compiled.as_text(), compiled.cost_analysis() or {}
+  finally:
+    shutil.rmtree(dump, ignore_errors=True)  # an early thread's later dumps just fail.
+  return Report(**base, compile_s=compile_s, fits=True, argument_bytes=mem["argument"],
+                output_bytes=mem["output"], alias_bytes=mem["alias"], temp_bytes=mem["temp"],
                 flops=hlo.matmul_flops(text), memory_bytes=hlo.memory_bytes(text),
                 collective_bytes=hlo.collective_bytes(text, mesh.size),
-                xla_optimal_seconds=cost.get("optimal_seconds"), compiled=compiled)
+                xla_optimal_seconds=cost.get("optimal_seconds"), largest_buffers=buffers,
+                compiled=compiled, until="buffer assignment" if early else "code generation")
 
 
 def _serving_shardings(cfg: ModelConfig, mesh: Mesh, batch: int, context: int):
@@ -275,7 +368,7 @@ def _serving_shardings(cfg: ModelConfig, mesh: Mesh, batch: int, context: int):
 
 def _serving_report(program: str, cfg: ModelConfig, mesh: Mesh, chip: Chip,
                     topology_label: str, batch: int, context: int, new_tokens: int,
-                    position: int) -> Report:
+                    position: int, early: bool) -> Report:
   """`new_tokens` tokens per row at positions [position, position + new_tokens) through the
   model with the compressed MLA cache of `context` positions (donated, updated in place)."""
   if position + new_tokens > context:
@@ -303,18 +396,18 @@ def _serving_report(program: str, cfg: ModelConfig, mesh: Mesh, chip: Chip,
   mean_pos = position + (new_tokens + 1) / 2
   model_flops = flops_per_token(cfg, max(1, round(2 * mean_pos))) / 3 * batch * new_tokens
   return compile_report(program, fn, (variables, cache, tokens), mesh, chip, topology_label,
-                        batch * new_tokens, model_flops)
+                        batch * new_tokens, model_flops, early=early)
 
 
 def prefill_report(cfg: ModelConfig, mesh: Mesh, chip: Chip, topology_label: str, *, batch: int,
-                   prompt_len: int, context: int) -> Report:
+                   prompt_len: int, context: int, early: bool = False) -> Report:
   """Prefill of `batch` prompts of `prompt_len` tokens into a cache of `context` positions."""
   return _serving_report("prefill", cfg, mesh, chip, topology_label, batch, context,
-                         prompt_len, 0)
+                         prompt_len, 0, early)
 
 
 def decode_report(cfg: ModelConfig, mesh: Mesh, chip: Chip, topology_label: str, *, batch: int,
-                  context: int) -> Report:
+                  context: int, early: bool = False) -> Report:
   """One decode step of `batch` rows, each attending a full cache of `context` positions."""
   return _serving_report("decode step", cfg, mesh, chip, topology_label, batch, context, 1,
-                         context - 1)
+                         context - 1, early)

@@ -115,6 +115,24 @@ def test_serving_compiles_with_the_compressed_cache():
   assert r.tokens_per_s_per_chip() > 0
 
 
+def test_early_report_reads_the_same_numbers_from_the_compiler_dumps():
+  """early=True stops at buffer assignment (K2's TPU code generation takes most of its compile):
+  the dumped buffer assignment and optimized HLO give what the finished executable reports."""
+  cfg = small(param_dtype="bfloat16")
+  devices, chip = aot.topology(TOPOLOGY)
+  mesh = aot.topology_mesh({"fsdp": 2, "expert": 2}, devices, TOPOLOGY)
+  full = aot.prefill_report(cfg, mesh, chip, TOPOLOGY, batch=8, prompt_len=64, context=128)
+  early = aot.prefill_report(cfg, mesh, chip, TOPOLOGY, batch=8, prompt_len=64, context=128,
+                             early=True)
+  assert (full.until, early.until) == ("code generation", "buffer assignment")
+  for field in ("argument_bytes", "output_bytes", "alias_bytes", "flops", "collective_bytes"):
+    assert getattr(early, field) == getattr(full, field), field
+  # Code generation adds some scratch to the temporaries (8.6 MB here, whatever the model).
+  assert 0 <= full.temp_bytes - early.temp_bytes < 16 * 2**20
+  assert early.largest_buffers == full.largest_buffers and full.largest_buffers
+  assert early.memory_bytes == pytest.approx(full.memory_bytes, rel=0.05)
+
+
 def test_bad_topology_and_mesh_are_one_line_errors(monkeypatch):
   for name, match in [("v5p:3x3x3", "topology 'v5p:3x3x3': .*not divisible"),
                       ("tpu9:2x2", "generation one of v5p, v6e, v5e"),

@@ -25,13 +25,13 @@ from k2jax.train.step import make_train_step
 
 
 def train_step_report(cfg: ModelConfig, tx, mesh: Mesh, chip: Chip, topology_label: str, *,
-                      batch_size: int, seq_len: int, muon: bool = True,
+                      batch_size: int, seq_len: int, muon: bool = True, early: bool = False,
                       **step_kwargs) -> Report:
   """The step for `batch_size` sequences of `seq_len` tokens, compiled for `mesh`.
 
   `tx` should be built with the mesh's `param_shardings` (`muon`: whether it runs
-  Newton-Schulz); `step_kwargs` go to `make_train_step` (loss_weights, grad_accum, grad_clip,
-  bias_update_rate, ...).
+  Newton-Schulz); `early`: see `k2jax.aot.compile_report`; `step_kwargs` go to
+  `make_train_step` (loss_weights, grad_accum, grad_clip, bias_update_rate, ...).
   """
   partitioning.check_config(cfg, mesh.shape, batch_size)
   state = jax.eval_shape(lambda: init_state(cfg, tx, 0))
@@ -42,7 +42,8 @@ def train_step_report(cfg: ModelConfig, tx, mesh: Mesh, chip: Chip, topology_lab
   tokens = batch_size * seq_len
   return compile_report("train step", step, (state, batch), mesh, chip, topology_label, tokens,
                         flops_per_token(cfg, seq_len) * tokens,
-                        train_extra_flops(cfg, mesh.shape, tokens, seq_len, muon=muon))
+                        train_extra_flops(cfg, mesh.shape, tokens, seq_len, muon=muon),
+                        early=early)
 
 
 def train_extra_flops(cfg: ModelConfig, mesh_shape: Mapping[str, int], tokens: int, seq_len: int,
