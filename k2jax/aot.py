@@ -13,9 +13,10 @@ FLOP model, collective bytes by kind, and a step-time estimate.
 Every time here is an estimate, never a measurement. The compiler's own (`optimal_seconds`) is
 reported as it comes, but it counts a loop body once and is sometimes negative, so the step time
 is a roofline of our own from the compiled program (`k2jax.hlo`, loops counted with their trip
-counts): compiled FLOPs / peak FLOP/s, HBM bytes / HBM bandwidth and collective bytes / ICI
-bandwidth, each per chip. `step_s` assumes they overlap perfectly (the largest of the three),
-`serial_s` that none does (their sum); tokens/s and MFU come from both.
+counts), per chip: compiled FLOPs / peak FLOP/s; arguments read and outputs written once / HBM
+bandwidth (a lower bound on HBM traffic, close for decoding, which reads its weights and cache
+once); collective bytes received / ICI bandwidth. "step" assumes they overlap perfectly (the
+largest of the three), "serial" that none does (their sum); tokens/s and MFU come from both.
 """
 
 from __future__ import annotations
@@ -152,7 +153,6 @@ class Report:
   alias_bytes: int = 0
   temp_bytes: int = 0
   flops: float = 0.0  # compiled, loops counted
-  memory_bytes: float = 0.0  # estimated HBM traffic (k2jax.hlo.memory_bytes)
   collective_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
   xla_optimal_seconds: float | None = None
   # The largest buffers of the compiler's memory report: (bytes, "shape, shape, ...").
@@ -178,7 +178,7 @@ class Report:
   def times(self) -> dict[str, float]:
     """Roofline terms (estimates, seconds): compute, hbm, ici; step (overlapped), serial."""
     t = {"compute": self.flops / self.chip.peak_flops,
-         "hbm": self.memory_bytes / self.chip.hbm_bandwidth,
+         "hbm": (self.argument_bytes + self.output_bytes) / self.chip.hbm_bandwidth,
          "ici": sum(self.collective_bytes.values()) / self.chip.ici_bandwidth}
     return {**t, "step": max(t.values()), "serial": sum(t.values())}
 
@@ -352,7 +352,7 @@ def compile_report(program: str, fn: Callable, args: Sequence, mesh: Mesh, chip:
     shutil.rmtree(dump, ignore_errors=True)  # an early thread's later dumps just fail.
   return Report(**base, compile_s=compile_s, fits=True, argument_bytes=mem["argument"],
                 output_bytes=mem["output"], alias_bytes=mem["alias"], temp_bytes=mem["temp"],
-                flops=hlo.matmul_flops(text), memory_bytes=hlo.memory_bytes(text),
+                flops=hlo.matmul_flops(text),
                 collective_bytes=hlo.collective_bytes(text, mesh.size),
                 xla_optimal_seconds=cost.get("optimal_seconds"), largest_buffers=buffers,
                 compiled=compiled, until="buffer assignment" if early else "code generation")

@@ -1,8 +1,8 @@
 """What one device of a compiled, partitioned XLA program does, read from its HLO text.
 
 `collective_bytes(hlo, num_devices)`: bytes each device receives, by kind of collective;
-`matmul_flops(hlo)`: FLOPs of its dots and convolutions (2 per multiply-add);
-`memory_bytes(hlo)`: an estimate of its HBM traffic (below). All three count an
+`matmul_flops(hlo)`: FLOPs of its dots, convolutions and TPU grouped-matmul (ragged_dot)
+kernels (2 per multiply-add). Both count an
 instruction as many times as it runs: a while loop's body times its trip count (XLA:CPU writes it
 as `known_trip_count`; the TPU compiler does not, so it is read from the loop condition's
 `counter < N`), a conditional's costliest branch once. XLA's own `cost_analysis()` counts a loop
@@ -13,10 +13,6 @@ receive (n-1)/n of their result, reduce-scatter n-1 times its result, all-reduce
 collective-permute all of it. The TPU compiler writes a reduce-scatter as an all-reduce inside a
 fusion named all-reduce-scatter; it is counted as the reduce-scatter it is.
 
-HBM traffic is estimated as every unfused instruction reading its operands and writing its
-result once (a fusion is one instruction): an operand that is only sliced (a layer of a stacked
-weight inside the layer loop) counts as the slices read, an in-place dynamic-update-slice as the
-update written. Tuples, parameters, constants and bitcasts move nothing.
 """
 
 from __future__ import annotations
@@ -111,9 +107,18 @@ def _dot_flops(out_shape: str, lhs_shape: str, rest: str) -> float:
   return 2.0 * math.prod(_dims(out_shape)) * k
 
 
-_NO_TRAFFIC = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",
-               "conditional", "call", "after-all", "partition-id", "replica-id", "opt-barrier")
-_SLICES = ("dynamic-slice", "slice", "gather")
+def _ragged_dot_flops(out_shape: str, rest: str) -> float:
+  """A TPU grouped-matmul kernel (jax.lax.ragged_dot and its transposes): of its float operands
+  and result, two are [M, a] and [M, b] over the ragged rows and one is [G, a, b] (or [G, b, a]):
+  2 M a b."""
+  constraints = re.search(r"operand_layout_constraints=\{(.*?)\}, \w+=", rest)
+  shapes = [[int(d) for d in dims.split(",") if d] for dt, dims in
+            _SHAPE.findall((constraints.group(1) if constraints else "") + " " + out_shape)
+            if dt.startswith(("f", "bf"))]
+  rows = [s for s in shapes if len(s) == 2]
+  if len(rows) != 2 or rows[0][0] != rows[1][0]:
+    return 0.0
+  return 2.0 * rows[0][0] * rows[0][1] * rows[1][1]
 
 
 class _Instr(NamedTuple):
@@ -147,44 +152,6 @@ def _parse(hlo: str) -> tuple[dict[str, list[_Instr]], str]:
   return comps, entry
 
 
-def _fusion_reads(comps: dict[str, list[_Instr]], name: str, memo: dict
-                  ) -> tuple[list[float | None], float | None]:
-  """Per parameter of fused computation `name`: the bytes read when it is only sliced (None: all
-  of it), through nested fusions; and the bytes written when its root is an in-place
-  dynamic-update-slice (None: its result)."""
-  if name in memo:
-    return memo[name]
-  instrs = comps.get(name, [])
-  users: dict[str, list[tuple[_Instr, int]]] = defaultdict(list)
-  for ins in instrs:
-    for i, o in enumerate(ins.operands):
-      users[o].append((ins, i))
-
-  def sliced_bytes(uses) -> float | None:
-    total = 0.0
-    for u, i in uses:
-      if u.op in _SLICES and i == 0:
-        total += _bytes(u.shape)
-        continue
-      callee = _CALLS.search(u.rest) if u.op == "fusion" else None
-      inner = _fusion_reads(comps, callee.group(1), memo)[0] if callee else []
-      if i >= len(inner) or inner[i] is None:
-        return None
-      total += inner[i]
-    return total if uses else None
-
-  params = sorted((int(re.match(r"(\d+)", ins.rest).group(1)), ins.name)
-                  for ins in instrs if ins.op == "parameter")
-  reads = [sliced_bytes(users.get(p, [])) for _, p in params]
-  written = None
-  root = next((ins for ins in instrs if ins.line.lstrip().startswith("ROOT")), None)
-  if root is not None and root.op == "dynamic-update-slice":
-    shapes = {ins.name: ins.shape for ins in instrs}
-    written = _bytes(shapes.get(root.operands[1], ""))
-  memo[name] = (reads, written)
-  return memo[name]
-
-
 class _Module:
   """Per computation: its own costs, and the computations it runs with their multiplicities."""
 
@@ -196,20 +163,16 @@ class _Module:
     self.constants: dict[str, dict[str, int]] = defaultdict(dict)
     self.roots: dict[str, str] = {}
     self._totals: dict[str, dict[str, float]] = {}
-    fused = {c.group(1) for instrs in comps.values() for ins in instrs if ins.op == "fusion"
-             for c in _CALLS.finditer(ins.rest)}
-    memo: dict = {}
-    fusion_io = {name: _fusion_reads(comps, name, memo) for name in fused}
     whiles = []
     for comp, instrs in comps.items():
       shapes = {ins.name: ins.shape for ins in instrs}
       for ins in instrs:
-        self._visit(comp, ins, shapes, num_devices, whiles, comp in fused, fusion_io)
+        self._visit(comp, ins, shapes, num_devices, whiles)
     for comp, cond, body, trip in whiles:
       n = self._trip_count(cond) if trip is None else trip
       self.calls[comp] += [(cond, n + 1), (body, n)]
 
-  def _visit(self, comp, ins: _Instr, shapes, num_devices, whiles, in_fusion, fusion_io):
+  def _visit(self, comp, ins: _Instr, shapes, num_devices, whiles):
     name, shape, op, rest = ins.name, ins.shape, ins.op, ins.rest
     operands = ins.operands
     const = _CONST.match(f"{shape.split('{')[0]} {op}({rest.split(')')[0]})")
@@ -220,8 +183,8 @@ class _Module:
     if op in ("convolution", "dot") and operands:
       self.own[comp]["flops"] += (_conv_flops if op == "convolution" else _dot_flops)(
           shape, shapes.get(operands[0], ""), rest)
-    if not in_fusion and op not in _NO_TRAFFIC:
-      self.own[comp]["memory"] += self._traffic(ins, shapes, fusion_io)
+    elif op == "custom-call" and name.startswith("ragged-dot") and "metadata" not in name:
+      self.own[comp]["flops"] += _ragged_dot_flops(shape, rest)
     kind = op.removesuffix("-start")
     if kind in KINDS:
       # An async start's tuple holds operand and result (and flags): the result is the largest.
@@ -244,23 +207,6 @@ class _Module:
     else:
       for c in _CALLS.finditer(rest):
         self.calls[comp].append((c.group(1), 1))
-
-  @staticmethod
-  def _traffic(ins: _Instr, shapes, fusion_io) -> float:
-    """HBM bytes one unfused instruction reads and writes (see the module doc)."""
-    operands = [_bytes(shapes.get(o, "")) for o in ins.operands]
-    written = _bytes(ins.shape)
-    if ins.op in _SLICES:
-      return 2.0 * written + sum(operands[1:])
-    if ins.op == "dynamic-update-slice":
-      return 2.0 * operands[1] + sum(operands[2:])
-    if ins.op == "fusion":
-      callee = _CALLS.search(ins.rest)
-      reads, out = fusion_io.get(callee.group(1) if callee else "", ([], None))
-      operands = [b if r is None else r for b, r in zip(operands, reads + [None] * len(operands))]
-      if out is not None:
-        written = out
-    return float(written + sum(operands))
 
   def _trip_count(self, cond: str) -> int:
     """N of a `counter < N` loop condition (JAX's scans and maps start at 0); 1 if unknown."""
@@ -300,8 +246,3 @@ def matmul_flops(hlo: str) -> float:
   module = _Module(hlo, 1)
   return module.total(module.entry).get("flops", 0.0)
 
-
-def memory_bytes(hlo: str) -> float:
-  """Estimated HBM bytes one device reads and writes (module doc), loops counted."""
-  module = _Module(hlo, 1)
-  return module.total(module.entry).get("memory", 0.0)

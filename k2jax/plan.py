@@ -13,8 +13,8 @@
   remat "full" a layer keeps only its input and one layer at a time is rebuilt; its cotangents
   double that layer's share.
 - transient: one layer's weights gathered over the FSDP axes (and their float32 gradient before
-  the reduce-scatter), or Newton-Schulz's work space (four float32 copies of the largest matrix
-  batch in its gathered layout), whichever is larger.
+  the reduce-scatter), or Newton-Schulz's work space (four float32 copies of the largest chunk
+  of whole matrices a device orthogonalises at once), whichever is larger.
 Cross-checked against XLA's compiled memory analysis in tests/test_plan.py.
 """
 
@@ -30,6 +30,7 @@ import numpy as np
 from k2jax import sharding
 from k2jax.config import ModelConfig
 from k2jax.model import abstract_variables, expert_parallel, partitioning
+from k2jax.optim.muon import newton_schulz_layout
 from k2jax.optim.newton_schulz import newton_schulz_flops
 from k2jax.optim.roles import param_roles
 
@@ -99,28 +100,15 @@ def memory_plan(cfg: ModelConfig, mesh_shape: Mapping[str, int], micro_batch: in
                     gradients=grad_bytes, activations=act, transient=max(gathered, ns))
 
 
-def _newton_schulz_layout(shape, spec, mesh) -> tuple[tuple[int, ...], int]:
-  """(matrices of one Newton-Schulz call, devices sharing them): one layer of a stacked leaf in
-  its Newton-Schulz layout (k2jax.optim.muon.orthogonalize_sharded)."""
-  spec = tuple(spec) + (None,) * (len(shape) - len(spec))
-  if len(shape) >= 3:
-    shape, spec = shape[1:], spec[1:]
-  ns_spec = sharding.newton_schulz_spec(jax.sharding.PartitionSpec(*spec), shape, mesh)
-  return tuple(shape), _leaf_ways(ns_spec, mesh)
-
-
 def _newton_schulz_bytes(shape, spec, mesh) -> int:
-  """Four float32 copies of what one Newton-Schulz call holds per device."""
-  layer, ways = _newton_schulz_layout(shape, spec, mesh)
-  return 4 * F32 * math.prod(layer) // ways
+  """Four float32 copies of one chunk of Newton-Schulz's matrices on a device
+  (k2jax.optim.muon.orthogonalize_sharded)."""
+  return 4 * F32 * newton_schulz_layout(spec, shape, mesh).per_chunk * shape[-2] * shape[-1]
 
 
 def newton_schulz_flops_per_device(cfg: ModelConfig, mesh_shape: Mapping[str, int]) -> float:
-  """Newton-Schulz FLOPs one device runs per Muon update on `mesh_shape`.
-
-  A matrix gathered whole onto the devices that share it (the Distributed Muon layout) is
-  orthogonalised on each of them: that work repeats, it does not split.
-  """
+  """Newton-Schulz FLOPs one device runs per Muon update on `mesh_shape`: its share of the
+  matrices (`NewtonSchulzLayout.per_device`, zero padding included)."""
   mesh = {a: int(mesh_shape.get(a, 1)) for a in sharding.MESH_AXES}
   params = abstract_variables(cfg)["params"]
   specs = partitioning.variable_specs(cfg, mesh)["params"]
@@ -129,8 +117,8 @@ def newton_schulz_flops_per_device(cfg: ModelConfig, mesh_shape: Mapping[str, in
       specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
                      jax.tree.leaves(param_roles(params))):
     if r == "muon":
-      _, ways = _newton_schulz_layout(x.shape, s, mesh)
-      total += newton_schulz_flops(x.shape) / ways
+      total += (newton_schulz_layout(s, x.shape, mesh).per_device
+                * newton_schulz_flops(x.shape[-2:]))
   return total
 
 

@@ -1,6 +1,8 @@
 """k2jax.hlo on programs compiled for the 8 simulated CPU devices: FLOPs and collective bytes
 counted with loop trip counts, against the exact numbers of the program."""
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +82,22 @@ ENTRY %main (a: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
 }
 """
   assert hlo.matmul_flops(text) == 7 * 2 * 4 * 8 * 8
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
+def test_tpu_grouped_matmul_kernels_are_counted():
+  """On TPU, ragged_dot and its input gradient are grouped-matmul custom calls; its weight
+  gradient is a dense masked product over every group (G times the FLOPs)."""
+  from k2jax import aot
+
+  devices, _ = aot.topology("v5p:2x2x1")
+  mesh = Mesh(np.array(devices), ("a",))
+  M, K, N, G = 512, 256, 384, 4
+
+  def loss(x_MK, w_GKN, sizes_G):
+    return jnp.sum(jax.lax.ragged_dot(x_MK, w_GKN, sizes_G, preferred_element_type=jnp.float32))
+
+  args = (jax.ShapeDtypeStruct((M, K), jnp.bfloat16), jax.ShapeDtypeStruct((G, K, N), jnp.bfloat16),
+          jax.ShapeDtypeStruct((G,), jnp.int32))
+  text = _compiled_text(jax.value_and_grad(loss, argnums=(0, 1)), args, (P(), P(), P()), mesh)
+  assert hlo.matmul_flops(text) == (2 + G) * 2 * M * K * N

@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from k2jax import sharding
 from k2jax.aot import Chip, Report, compile_report
 from k2jax.config import ModelConfig
 from k2jax.flops import activated_matmul_params, attention_flops_per_token, flops_per_token
-from k2jax.model import partitioning
+from k2jax.model import expert_parallel, partitioning
 from k2jax.plan import newton_schulz_flops_per_device
 from k2jax.train.state import init_state, state_shardings
 from k2jax.train.step import make_train_step
@@ -49,14 +50,24 @@ def train_step_report(cfg: ModelConfig, tx, mesh: Mesh, chip: Chip, topology_lab
 def train_extra_flops(cfg: ModelConfig, mesh_shape: Mapping[str, int], tokens: int, seq_len: int,
                       muon: bool = True) -> dict[str, float]:
   """Per chip, the train step's work outside `flops_per_token`: the causal mask's skipped half
-  of q.k and p.v (the model computes every pair), remat "full"'s second forward of the layers,
-  and Muon's Newton-Schulz (`plan.newton_schulz_flops_per_device`)."""
+  of q.k and p.v (the model computes every pair), the routed experts' padding rows (the
+  dispatch's buffers, `expert_parallel.routed_rows`), remat "full"'s second forward of the
+  layers, and Muon's Newton-Schulz (`plan.newton_schulz_flops_per_device`)."""
   chips = math.prod(mesh_shape.values())
+  batch_ways = math.prod(mesh_shape.get(a, 1) for a in sharding.BATCH_AXES)
+  remat = 4 / 3 if cfg.remat == "full" else 1.0  # forward again: 2 of the 6 FLOPs per weight.
   attention = attention_flops_per_token(cfg, seq_len)  # causal: half of the pairs.
-  extra = {"unmasked attention": attention * tokens / chips}
+  extra = {"unmasked attention": attention * remat * tokens / chips}
+  assignments = tokens // batch_ways * cfg.num_experts_per_tok
+  rows = expert_parallel.routed_rows(assignments, cfg.n_routed_experts,
+                                     mesh_shape.get("expert", 1), cfg.moe_dispatch,
+                                     cfg.capacity_factor, cfg.moe_block_size)
+  expert_flops = 6 * 3 * cfg.hidden_size * cfg.moe_intermediate_size * cfg.num_moe_layers
+  extra["expert padding"] = ((rows - assignments) * expert_flops * remat
+                             / mesh_shape.get("tensor", 1))
   if cfg.remat == "full":
     head = cfg.hidden_size * cfg.vocab_size
-    forward = 2 * (activated_matmul_params(cfg) - head) + 2 / 3 * attention  # unmasked
+    forward = 2 * (activated_matmul_params(cfg) - head) + attention / 3
     extra["remat forward"] = forward * tokens / chips
   if muon:
     extra["Newton-Schulz"] = newton_schulz_flops_per_device(cfg, mesh_shape)
