@@ -155,6 +155,8 @@ class Report:
   flops: float = 0.0  # compiled, loops counted
   collective_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
   xla_optimal_seconds: float | None = None
+  # An analytic estimate to set beside the compiler's (bytes): plan.py's for a train step.
+  planned: dict[str, float] = dataclasses.field(default_factory=dict)
   # The largest buffers of the compiler's memory report: (bytes, "shape, shape, ...").
   largest_buffers: list[tuple[int, str]] = dataclasses.field(default_factory=list)
   until: str = "code generation"  # how far the compile ran: or "buffer assignment" (early)
@@ -211,6 +213,8 @@ class Report:
     if not self.fits:
       return f"{head}\n  does not fit: {self.error}{buffers}"
     gb = lambda b: f"{b / GIB:.2f}"
+    planned = ", ".join(f"{k} {gb(v)} ({v / getattr(self, k + '_bytes'):.2f}x the compiler's)"
+                        for k, v in self.planned.items())
     t = self.times
     coll = ", ".join(f"{k} {gb(v)}" for k, v in self.collective_bytes.items() if v) or "none"
     xla = ("not given" if self.xla_optimal_seconds is None or self.xla_optimal_seconds <= 0
@@ -221,6 +225,7 @@ class Report:
         f"{gb(self.output_bytes)} ({gb(self.alias_bytes)} aliased), temporaries "
         f"{gb(self.temp_bytes)}; total {gb(self.total_bytes)} of {gb(self.chip.hbm_bytes)} HBM: "
         "fits",
+        *([f"  plan.py's estimate (GiB): {planned}"] if planned else []),
         f"  FLOPs per chip: compiled {self.flops:.3e} = {self.flops / self.model_flops:.2f}x the "
         f"FLOP model's {self.model_flops:.3e}; with "
         + "".join(f"{k} {v:.3e}, " for k, v in self.extra_flops.items())
@@ -337,7 +342,7 @@ def compile_report(program: str, fn: Callable, args: Sequence, mesh: Mesh, chip:
       if reason is None:
         raise result["error"]
       return Report(**base, compile_s=compile_s, fits=False, error=reason,
-                    largest_buffers=buffers)
+                    largest_buffers=buffers, until="buffer assignment")  # where it stops
     compiled = result.get("compiled")
     if early:  # from the dumps, whether or not the compile has finished since.
       cost = {}
@@ -358,11 +363,24 @@ def compile_report(program: str, fn: Callable, args: Sequence, mesh: Mesh, chip:
                 compiled=compiled, until="buffer assignment" if early else "code generation")
 
 
+def cache_spec(shape, mesh_shape: Mapping[str, int]) -> P:
+  """The MLA cache [L, B, S, C] on a serving mesh: rows over the batch axes that divide B, and
+  positions over the mesh axes left over where they divide S (a long context of few rows is
+  split along its positions; attention then reduces its softmax across them)."""
+  spec = sharding.logical_spec(("layers", "batch", "length", None), shape, mesh_shape)
+  used = {a for e in spec if e for a in ((e,) if isinstance(e, str) else e)}
+  rest, ways = [], 1
+  for a in sharding.MESH_AXES:
+    if a not in used and mesh_shape.get(a, 1) > 1 and shape[2] % (ways * mesh_shape[a]) == 0:
+      rest.append(a)
+      ways *= mesh_shape[a]
+  return P(spec[0], spec[1], tuple(rest) or None, None)
+
+
 def _serving_shardings(cfg: ModelConfig, mesh: Mesh, batch: int, context: int):
   variables = partitioning.variable_shardings(cfg, mesh)
   cache = jax.eval_shape(lambda: init_cache(cfg, batch, context))
-  cache_sh = jax.tree.map(lambda x: NamedSharding(mesh, sharding.logical_spec(
-      ("layers", "batch", "length", None), x.shape, mesh.shape)), cache)
+  cache_sh = jax.tree.map(lambda x: NamedSharding(mesh, cache_spec(x.shape, mesh.shape)), cache)
   return variables, cache, cache_sh
 
 
@@ -370,7 +388,8 @@ def _serving_report(program: str, cfg: ModelConfig, mesh: Mesh, chip: Chip,
                     topology_label: str, batch: int, context: int, new_tokens: int,
                     position: int, early: bool) -> Report:
   """`new_tokens` tokens per row at positions [position, position + new_tokens) through the
-  model with the compressed MLA cache of `context` positions (donated, updated in place)."""
+  model with the compressed MLA cache of `context` positions (donated, updated in place).
+  The MoE dispatch is cfg's (k2jax.decode.generate runs "sort": it never drops a token)."""
   if position + new_tokens > context:
     raise ValueError(f"{program}: positions up to {position + new_tokens} exceed the cache "
                      f"context {context}")

@@ -15,7 +15,8 @@
 - transient: one layer's weights gathered over the FSDP axes (and their float32 gradient before
   the reduce-scatter), or Newton-Schulz's work space (four float32 copies of the largest chunk
   of whole matrices a device orthogonalises at once), whichever is larger.
-Cross-checked against XLA's compiled memory analysis in tests/test_plan.py.
+Cross-checked against XLA's compiled memory analysis in tests/test_plan.py (XLA:CPU) and
+tests/test_aot.py (the TPU compiler; k2jax.train.aot prints both for any config).
 """
 
 from __future__ import annotations

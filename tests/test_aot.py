@@ -11,6 +11,7 @@ import sys
 import jax
 import pytest
 from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from k2jax import aot, optim, presets, sharding
 from k2jax.model import partitioning
@@ -113,6 +114,10 @@ def test_serving_compiles_with_the_compressed_cache():
   cache = 2 * 8 * context * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2 // 4
   assert r.argument_bytes == pytest.approx(plan.params + cache, rel=0.1)
   assert r.tokens_per_s_per_chip() > 0
+  # One long row: its positions are split instead (a replicated 128k-token K2 cache is 9 GB).
+  mesh_shape = {"data": 1, "fsdp": 2, "expert": 2, "tensor": 1}
+  assert aot.cache_spec((2, 1, 256, 64), mesh_shape) == P(None, None, ("fsdp", "expert"), None)
+  assert aot.cache_spec((2, 8, 256, 64), mesh_shape) == P(None, ("fsdp", "expert"), None, None)
 
 
 def test_early_report_reads_the_same_numbers_from_the_compiler_dumps():

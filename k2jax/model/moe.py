@@ -82,7 +82,8 @@ class Experts(nn.Module):
 
   Under a k2jax mesh (`jax.set_mesh`) the dispatch runs per device, expert-parallel
   (k2jax.model.expert_parallel); otherwise on the whole batch. When decoding with at most E
-  assignments, each token's experts are gathered instead (`gathered_experts`).
+  assignments and no expert parallelism, each token's experts are gathered instead
+  (`gathered_experts`).
   """
 
   cfg: ModelConfig
@@ -96,12 +97,14 @@ class Experts(nn.Module):
     wg_EDF = self.param("gate", normal_init(cfg, ("expert", "embed", "moe_mlp")), (E, D, F), pdt)
     wu_EDF = self.param("up", normal_init(cfg, ("expert", "embed", "moe_mlp")), (E, D, F), pdt)
     wd_EFD = self.param("down", normal_init(cfg, ("expert", "moe_mlp", "embed")), (E, F, D), pdt)
-    if self.decode and idx_TK.size <= E:
+    mesh = expert_parallel.active_mesh(x_TD.shape[0])
+    # Only without expert parallelism: gathering copies each token's expert weights ([T, K, D,
+    # F]: 7.5 GB of gate weights per chip for 32 K2 tokens on 32 chips, compiled for TPU).
+    if self.decode and idx_TK.size <= E and mesh is None:
       return (gathered_experts(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, cfg.dtype),
               jnp.zeros((), jnp.float32))
     kwargs = dict(dispatch=cfg.moe_dispatch, capacity_factor=cfg.capacity_factor,
                   block_size=cfg.moe_block_size, dtype=jnp.dtype(cfg.dtype))
-    mesh = expert_parallel.active_mesh(x_TD.shape[0])
     if mesh is not None:  # under a k2jax mesh: per-device dispatch, all_to_all over `expert`.
       return expert_parallel.expert_parallel_experts(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD,
                                                      mesh=mesh, **kwargs)

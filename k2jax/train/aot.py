@@ -20,7 +20,7 @@ from k2jax.aot import Chip, Report, compile_report
 from k2jax.config import ModelConfig
 from k2jax.flops import activated_matmul_params, attention_flops_per_token, flops_per_token
 from k2jax.model import expert_parallel, partitioning
-from k2jax.plan import newton_schulz_flops_per_device
+from k2jax.plan import memory_plan, newton_schulz_flops_per_device
 from k2jax.train.state import init_state, state_shardings
 from k2jax.train.step import make_train_step
 
@@ -41,10 +41,17 @@ def train_step_report(cfg: ModelConfig, tx, mesh: Mesh, chip: Chip, topology_lab
                          **step_kwargs)
   batch = {"tokens": jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32)}
   tokens = batch_size * seq_len
-  return compile_report("train step", step, (state, batch), mesh, chip, topology_label, tokens,
-                        flops_per_token(cfg, seq_len) * tokens,
-                        train_extra_flops(cfg, mesh.shape, tokens, seq_len, muon=muon),
-                        early=early)
+  report = compile_report("train step", step, (state, batch), mesh, chip, topology_label, tokens,
+                          flops_per_token(cfg, seq_len) * tokens,
+                          train_extra_flops(cfg, mesh.shape, tokens, seq_len, muon=muon),
+                          early=early)
+  plan = memory_plan(cfg, mesh.shape, batch_size // step_kwargs.get("grad_accum", 1), seq_len,
+                     "muonclip" if muon else "adamw", step_kwargs.get("grad_accum", 1))
+  batch_bytes = batch_size * (seq_len + 1) * 4 // math.prod(
+      mesh.shape[a] for a in sharding.BATCH_AXES)
+  report.planned = {"argument": plan.params + plan.optimizer + batch_bytes,
+                    "temp": plan.gradients + plan.activations + plan.transient}
+  return report
 
 
 def train_extra_flops(cfg: ModelConfig, mesh_shape: Mapping[str, int], tokens: int, seq_len: int,
