@@ -85,7 +85,8 @@ def memory_plan(cfg: ModelConfig, mesh_shape: Mapping[str, int], micro_batch: in
   spec_leaves = jax.tree.leaves(pspecs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   local = [x.size // _leaf_ways(s, mesh) for x, s in zip(leaves, spec_leaves)]
   pbytes = np.dtype(cfg.param_dtype).itemsize
-  router_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(variables["router"]))
+  router = variables.get("router", {})  # none without MoE layers
+  router_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(router))
   param_bytes = sum(local) * pbytes + router_bytes
   copies = {"muon": 2 if optimizer == "adamw" else 1, "adamw": 2, "frozen": 0}
   opt_bytes = sum(n * copies[r] for n, r in zip(local, roles)) * pbytes
