@@ -192,3 +192,31 @@ def test_sharded_newton_schulz_matches_and_does_each_matrix_once(mesh_shape, sha
   assert lay.per_device == -(-n // 8)
   flops = hlo.matmul_flops(compiled.as_text())
   assert flops == pytest.approx(lay.per_device * newton_schulz_flops(shape[-2:]), rel=1e-6)
+
+
+def test_one_decoding_row_under_expert_sharding_moves_activations_not_weights():
+  """One token cannot split over the batch axes: each device runs its own experts' share of it
+  and a psum adds them (not GSPMD's all-reduce of every token's gathered expert weights)."""
+  from k2jax.model import Transformer, init_variables
+  from k2jax.model.transformer import init_cache
+
+  cfg = presets.get("k2_nano", num_hidden_layers=3)
+  variables = init_variables(cfg, 0)
+  cache = init_cache(cfg, 1, 16)
+  tokens_BT, positions_BT = jnp.array([[7]]), jnp.array([[3]])
+
+  def logits(v, c, t, p):
+    return Transformer(cfg).apply({**v, "cache": c}, t, p, decode=True, mutable=["cache"])[0][0]
+
+  want = jax.jit(logits)(variables, cache, tokens_BT, positions_BT)
+  mesh = mesh_of((1, 2, 2, 2))
+  var_sh = partitioning.variable_shardings(cfg, mesh)
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(logits).lower(jax.device_put(variables, var_sh), cache, tokens_BT,
+                                     positions_BT).compile()
+    got = compiled(jax.device_put(variables, var_sh), cache, tokens_BT, positions_BT)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # All the step's all-reduces (attention over tensor, the head, the experts' psums of [1, D]).
+  expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
+  moved = hlo.collective_bytes(compiled.as_text(), 8)["all-reduce"]
+  assert moved < expert_bytes / 5, moved  # 10 KB here; 109 KB by the weight all-reduce

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from k2jax import sharding
 from k2jax.config import ModelConfig
 from k2jax.model import expert_parallel
 from k2jax.model.dispatch import routed_experts
@@ -77,6 +78,39 @@ def gathered_experts(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, dtype) -> jnp.n
   return jnp.einsum("tkd,tk->td", y_TKD, w_TK.astype(jnp.float32))
 
 
+def expert_sharded_gathered(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, *, mesh,
+                            dtype) -> jnp.ndarray:
+  """`gathered_experts` with the experts split over `mesh` and the few tokens not (one decoding
+  row): every device runs all the tokens' assignments to its own experts, and psums over the
+  expert and width axes add the parts. [T, D] activations move, not expert weights (GSPMD's
+  gather from the split weights all-reduced a copy of each token's experts: 76 GiB a step for
+  one K2 row on 32 v5p chips)."""
+  wi_spec = sharding.logical_spec(("expert", "embed", "moe_mlp"), wg_EDF.shape, mesh.shape,
+                                  "experts/gate")
+  wo_spec = sharding.logical_spec(("expert", "moe_mlp", "embed"), wd_EFD.shape, mesh.shape,
+                                  "experts/down")
+  axes = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)
+  expert_axes, embed_axes, width_axes = (axes(e) for e in wi_spec)
+
+  def body(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD):
+    if embed_axes:  # the FSDP-split model width, gathered as the expert-parallel path does.
+      wg_EDF, wu_EDF = (jax.lax.all_gather(w, embed_axes, axis=1, tiled=True)
+                        for w in (wg_EDF, wu_EDF))
+      wd_EFD = jax.lax.all_gather(wd_EFD, embed_axes, axis=2, tiled=True)
+    El = wg_EDF.shape[0]
+    first = jax.lax.axis_index(expert_axes) * El if expert_axes else 0
+    mine_TK = (idx_TK >= first) & (idx_TK < first + El)
+    y_TD = gathered_experts(x_TD, jnp.where(mine_TK, idx_TK - first, 0),
+                            jnp.where(mine_TK, w_TK, 0.0), wg_EDF, wu_EDF, wd_EFD, dtype)
+    return jax.lax.psum(y_TD, expert_axes + width_axes) if expert_axes + width_axes else y_TD
+
+  replicated = jax.sharding.PartitionSpec()
+  return jax.shard_map(body, mesh=mesh,
+                       in_specs=(replicated,) * 3 + (wi_spec, wi_spec, wo_spec),
+                       out_specs=replicated, check_vma=False)(x_TD, idx_TK, w_TK, wg_EDF,
+                                                              wu_EDF, wd_EFD)
+
+
 class Experts(nn.Module):
   """The routed experts' stacked SwiGLU weights, applied through the configured dispatch.
 
@@ -101,6 +135,11 @@ class Experts(nn.Module):
     # Only without expert parallelism: gathering copies each token's expert weights ([T, K, D,
     # F]: 7.5 GB of gate weights per chip for 32 K2 tokens on 32 chips, compiled for TPU).
     if self.decode and idx_TK.size <= E and mesh is None:
+      context = sharding.context_mesh()
+      if context is not None and context.size > 1:
+        return (expert_sharded_gathered(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD,
+                                        mesh=context, dtype=cfg.dtype),
+                jnp.zeros((), jnp.float32))
       return (gathered_experts(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, cfg.dtype),
               jnp.zeros((), jnp.float32))
     kwargs = dict(dispatch=cfg.moe_dispatch, capacity_factor=cfg.capacity_factor,
