@@ -13,9 +13,10 @@ FLOP model, collective bytes by kind, and a step-time estimate.
 Every time here is an estimate, never a measurement. The compiler's own (`optimal_seconds`) is
 reported as it comes, but it counts a loop body once and is sometimes negative, so the step time
 is a roofline of our own from the compiled program (`k2jax.hlo`, loops counted with their trip
-counts), per chip: compiled FLOPs / peak FLOP/s; arguments read and outputs written once / HBM
-bandwidth (a lower bound on HBM traffic, close for decoding, which reads its weights and cache
-once); collective bytes received / ICI bandwidth. "step" assumes they overlap perfectly (the
+counts), per chip: compiled FLOPs / peak FLOP/s; every argument read and every output written
+once / HBM bandwidth (what a decode step over a large batch does: all weights and the cache once;
+training moves more, one row's decode step less: it reads only its tokens' experts); collective
+bytes received / ICI bandwidth. "step" assumes they overlap perfectly (the
 largest of the three), "serial" that none does (their sum); tokens/s and MFU come from both.
 """
 
