@@ -6,7 +6,10 @@ r"""Compile a train config's real sharded train step (and serving) for a TPU sli
       --config.model.preset=kimi_k2 --config.model.remat=full --config.model.dtype=bfloat16 \
       --config.model.moe_dispatch=capacity --config.train.seq_len=4096 \
       --config.train.batch_size=512 --config.mesh.data=1 --config.mesh.fsdp=8 \
-      --config.mesh.expert=64 --programs=train,prefill,decode --out=k2_v5p512.json
+      --config.mesh.expert=64 --early --out=k2_v5p512.json
+
+--early reports at buffer assignment (under a minute for Kimi K2) instead of waiting for TPU
+code generation (over an hour and more than 15 GB of host memory for K2 on this machine).
 
 Nothing is allocated and nothing runs: libtpu's compile-only devices stand in for the slice
 (`k2jax.aot`). Prints, and writes as JSON to --out, per chip: memory against HBM (or a "does not

@@ -16,8 +16,8 @@ is a roofline of our own from the compiled program (`k2jax.hlo`, loops counted w
 counts), per chip: compiled FLOPs / peak FLOP/s; every argument read and every output written
 once / HBM bandwidth (what a decode step over a large batch does: all weights and the cache once;
 training moves more, one row's decode step less: it reads only its tokens' experts); collective
-bytes received / ICI bandwidth. "step" assumes they overlap perfectly (the
-largest of the three), "serial" that none does (their sum); tokens/s and MFU come from both.
+bytes received / ICI bandwidth. "step" assumes they overlap perfectly (the largest of the three),
+"serial" that none does (their sum); tokens/s and MFU come from both.
 """
 
 from __future__ import annotations
@@ -228,9 +228,10 @@ class Report:
         "fits",
         *([f"  plan.py's estimate (GiB): {planned}"] if planned else []),
         f"  FLOPs per chip: compiled {self.flops:.3e} = {self.flops / self.model_flops:.2f}x the "
-        f"FLOP model's {self.model_flops:.3e}; with "
-        + "".join(f"{k} {v:.3e}, " for k, v in self.extra_flops.items())
-        + f"{self.accounted_flops:.3e} expected ({self.flops / self.accounted_flops:.3f}x)",
+        f"FLOP model's {self.model_flops:.3e}" + (
+            "; with " + ", ".join(f"{k} {v:.3e}" for k, v in self.extra_flops.items())
+            + f": {self.accounted_flops:.3e} expected ({self.flops / self.accounted_flops:.3f}x)"
+            if self.extra_flops else ""),
         f"  collectives per chip (GiB received): {coll}",
         f"  estimated time (roofline, not measured): compute {t['compute'] * 1e3:.1f} ms, HBM "
         f"{t['hbm'] * 1e3:.1f} ms, ICI {t['ici'] * 1e3:.1f} ms -> {t['step'] * 1e3:.1f} ms "

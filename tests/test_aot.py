@@ -10,6 +10,7 @@ import sys
 
 import jax
 import pytest
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -163,10 +164,16 @@ def test_named_slices_and_split_physical_axes():
   assert aot.topology_name("v6e-256") == "v6e:16x16"
   devices, chip = aot.topology("v5p-16")  # 2x2x2: 8 chips
   assert len(devices) == 8 and chip.name == "TPU v5p"
-  # Logical axes of 2 x 4 fit the 2x2x2 torus whole; 8 = 2x2x2 likewise.
-  mesh = aot.topology_mesh({"fsdp": 2, "expert": 4}, devices)
+  mesh = aot.topology_mesh({"fsdp": 2, "expert": 4}, devices)  # 4 = 2 x 2 physical axes
   assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}
   assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+  # 8 x 8 on a 4x4x4 torus: 8 is no product of physical axis sizes; a physical axis is split.
+  devices, _ = aot.topology("v5p:4x4x4")
+  with pytest.raises(NotImplementedError):
+    mesh_utils.create_device_mesh((1, 8, 8, 1), devices)
+  mesh = aot.topology_mesh({"fsdp": 8, "expert": 8}, devices)
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "expert": 8, "tensor": 1}
+  assert len({d.id for d in mesh.devices.flat}) == 64
 
 
 def test_cli_one_line_error_for_a_bad_topology(tmp_path):
