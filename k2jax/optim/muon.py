@@ -164,7 +164,8 @@ def orthogonalize(steps: int = 5, coeffs=NS_COEFFS, dtype=jnp.bfloat16, eps: flo
   """Stateless: Newton-Schulz on the last two axes of every leaf, cast back to its dtype.
 
   `param_shardings` (a tree of NamedSharding like the params): each leaf runs on its own through
-  `orthogonalize_sharded` (Distributed Muon); without, leaves of equal matrix shape are batched.
+  `orthogonalize_sharded` (its matrices dealt out over the mesh); without, leaves of equal matrix
+  shape are batched.
   """
   ns_kwargs = dict(steps=steps, coeffs=coeffs, dtype=dtype, eps=eps)
   by_path = None

@@ -123,7 +123,7 @@ def muonclip(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float = 0.1
   `qk_clip_targets` (e.g. `k2jax.optim.mha_targets(...)`). `qk_clip_tau=None` disables the clip.
   `roles`: (regex, role) rules placed before the defaults (see k2jax.optim.roles).
   `param_shardings`: the params' NamedShardings when they are sharded over a mesh; Newton-Schulz
-  then runs on each matrix's owners (k2jax.optim.muon.orthogonalize_sharded).
+  then deals the matrices out over the devices (k2jax.optim.muon.orthogonalize_sharded).
   """
   matrix_tx = muon_matrix(learning_rate, weight_decay=weight_decay, momentum=momentum,
                           nesterov=nesterov, ns_steps=ns_steps, ns_coeffs=ns_coeffs,
