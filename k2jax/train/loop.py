@@ -114,7 +114,7 @@ class Run:
 
   def evaluate(self, state: TrainState) -> dict[str, float]:
     """eval_<term> means over the eval batches; eval_loss their weighted sum; bits per byte."""
-    values = [self.eval_step(state.params, state.router, self.put_batch(b))
+    values = [self.eval_step(state.params, state.router, self.put_batch(b), state.step)
               for b in self.eval_batches]
     out = {f"eval_{k}": float(np.mean([v[k] for v in jax.device_get(values)]))
            for k in values[0]}
