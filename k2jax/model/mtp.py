@@ -1,22 +1,25 @@
 """DeepSeek-V3's multi-token prediction (MTP): D sequential modules after the main model.
 
-Depth k = 1..D at position i (DeepSeek-V3 technical report, §2.2), with h^0 the main model's last
-hidden state before its final norm:
+Depth k = 1..D at position i (DeepSeek-V3 technical report, §2.2):
 
-  h'^k_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)])   (embedding first, as released)
-  h^k_i = Block(h'^k_i)                     (MLA + DeepSeekMoE: the main model's MoE block)
-  logits^k_i = head(norm(h^k_i))            predicting t_{i+k+1}
+  h'^k_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(g^{k-1}_i)])   (embedding first, as released)
+  g^k_i = norm(Block(h'^k_i))       (Block: MLA + DeepSeekMoE, the main model's MoE block)
+  logits^k_i = head(g^k_i)          predicting t_{i+k+1}
 
-The embedding and the output head are the main model's (shared, as in the report); `norm` is the
-module's own (DeepSeek's `shared_head.norm`). The depths are stacked like the main model's layers:
-one scan over a leading `layers` axis (parameters `mtp_layers/...`), carrying h^k to depth k + 1.
+g^0 is the main model's last hidden state after its final norm: the input of its output head. The
+report's figure leaves open which side of that norm the MTP taps; transformers' MtpModel, vLLM
+and SGLang, which run DeepSeek-V3's released MTP weights, feed the normed state, and so does
+k2jax (each depth likewise passes on its own normed output, as transformers does). The embedding
+and the output head are the main model's (shared, as in the report); `norm` is each module's own
+(DeepSeek's `shared_head.norm`). The depths are stacked like the main model's layers: one scan
+over a leading `layers` axis (parameters `mtp_layers/...`), carrying g^k to depth k + 1.
 Depth k needs the token k ahead of each position (`lookahead`); where it lies past the row or in
 another packed segment, the position becomes padding (segment 0) for the depth's block: it neither
 attends nor is attended and routes no expert load, so no prediction reads across a boundary.
 
 `Transformer(cfg)(..., next_tokens_BT=...)` runs every depth (training). Speculative decoding
-applies the first depth alone on the main model's hidden states (`draft_logits`), with its own
-MLA cache (`init_cache`).
+applies the first depth alone on the main model's normed hidden states (`draft_logits`), with its
+own MLA cache (`init_cache`).
 """
 
 from __future__ import annotations
@@ -56,28 +59,29 @@ def _shift(x_BT: jnp.ndarray, n: int) -> jnp.ndarray:
 
 
 class MTPLayer(nn.Module):
-  """One depth. Scan body: (h^{k-1}, (Emb(t_{i+k}), segment ids), positions) ->
-  (h^k, (norm(h^k), the block's aux))."""
+  """One depth. Scan body: (g^{k-1}, (Emb(t_{i+k}), segment ids), positions) ->
+  (g^k, (g^k, the block's aux))."""
 
   cfg: ModelConfig
   decode: bool = False
 
   @nn.compact
-  def __call__(self, h_BTD: jnp.ndarray, inputs, positions_BT: jnp.ndarray):
+  def __call__(self, g_BTD: jnp.ndarray, inputs, positions_BT: jnp.ndarray):
     cfg = self.cfg
     emb_BTD, segment_ids_BT = inputs
     x_BTD = jnp.concatenate([RMSNorm(cfg, cfg.rms_norm_eps, name="enorm")(emb_BTD),
-                             RMSNorm(cfg, cfg.rms_norm_eps, name="hnorm")(h_BTD)], axis=-1)
+                             RMSNorm(cfg, cfg.rms_norm_eps, name="hnorm")(g_BTD)], axis=-1)
     x_BTD = Dense(cfg, cfg.hidden_size, ("embed", "embed"), name="eh_proj")(x_BTD)
     h_BTD, aux = block_class(cfg)(cfg, True, self.decode, name="block")(
         x_BTD, positions_BT, segment_ids_BT)
-    return h_BTD, (RMSNorm(cfg, cfg.rms_norm_eps, name="norm")(h_BTD), aux)
+    g_BTD = RMSNorm(cfg, cfg.rms_norm_eps, name="norm")(h_BTD)
+    return g_BTD, (g_BTD, aux)
 
 
 def mtp_stack(cfg: ModelConfig, decode: bool = False, name: str | None = None) -> nn.Module:
   """The cfg.num_nextn_predict_layers depths as one scan over a leading `layers` axis:
-  (h^0 [B, T, D], (embeddings [K, B, T, D], segment ids [K, B, T]), positions [B, T]) ->
-  (h^K, (norm(h^k) [K, B, T, D], aux stacked over the depths))."""
+  (g^0 [B, T, D], (embeddings [K, B, T, D], segment ids [K, B, T]), positions [B, T]) ->
+  (g^K, (g^k [K, B, T, D], aux stacked over the depths))."""
   scanned = nn.scan(MTPLayer, variable_axes={"params": 0, "router": 0, "cache": 0},
                     split_rngs={"params": True}, in_axes=(0, nn.broadcast),
                     length=cfg.num_nextn_predict_layers,
@@ -94,9 +98,9 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, depth: int = 1) -> dic
 def draft_logits(cfg: ModelConfig, variables: dict, cache: dict, hidden_BTD: jnp.ndarray,
                  next_tokens_BT: jnp.ndarray, positions_BT: jnp.ndarray):
   """The first MTP depth in decode mode: (logits_BTV of the token two ahead of each position,
-  cache). `hidden_BTD`: the main model's hidden states at `positions_BT` (its "intermediates"
-  `hidden_BTD`); `next_tokens_BT`: the token after each position. Writes the cache at
-  `positions_BT` and attends over the cached positions up to each."""
+  cache). `hidden_BTD`: the main model's normed hidden states at `positions_BT` (its
+  "intermediates" `hidden_BTD`); `next_tokens_BT`: the token after each position. Writes the cache
+  at `positions_BT` and attends over the cached positions up to each."""
   params, first = variables["params"], lambda tree: jax.tree.map(lambda x: x[:1], tree)
   tokens_1BT, segments_1BT = lookahead(next_tokens_BT, 1)
   emb_1BTD = jnp.take(params["embed"]["embedding"], tokens_1BT, axis=0).astype(jnp.float32)

@@ -12,13 +12,13 @@ balance_loss [B] (per sequence, summed over MoE layers, unweighted), dropped_fra
 
 With K = cfg.num_nextn_predict_layers > 0, `next_tokens_BT` (the token after each position, a
 train batch's targets; with packing also `next_segment_ids_BT`) runs the MTP layers
-(k2jax.model.mtp) on the last hidden state and adds aux["mtp_logits"] [K, B, T, V]: depth k's
+(k2jax.model.mtp) on the normed last hidden state and adds aux["mtp_logits"] [K, B, T, V]: depth k's
 prediction of the token k + 1 ahead of each position. The main logits do not depend on it.
 
 Decoding: `apply({**variables, "cache": cache}, tokens_BT, positions_BT, decode=True,
 mutable=["cache"])` with `cache = init_cache(cfg, batch, length)` writes each token's compressed
 MLA cache entry at its position and attends over the cached positions up to it. With "intermediates"
-mutable too, `hidden_BTD` there is the last hidden state before the final norm (what the MTP reads).
+mutable too, `hidden_BTD` there is the last hidden state after the final norm (what the MTP reads).
 """
 
 from __future__ import annotations
@@ -66,11 +66,10 @@ class Transformer(nn.Module):
           x_BTD, positions_BT, segment_ids_BT)
       max_logits.append(aux["max_logits"])
       moe_aux.append(aux)
+    x_BTD = RMSNorm(cfg, cfg.rms_norm_eps, name="final_norm")(x_BTD)
     self.sow("intermediates", "hidden_BTD", x_BTD)
     head_DV = Kernel(cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), name="lm_head")()
-    logits_BTV = dense(RMSNorm(cfg, cfg.rms_norm_eps, name="final_norm")(x_BTD), head_DV,
-                       cfg.dtype)
-    logits_BTV = sharding.constrain(logits_BTV, ("batch", "length", "vocab"))
+    logits_BTV = sharding.constrain(dense(x_BTD, head_DV, cfg.dtype), ("batch", "length", "vocab"))
     mtp_logits = {}
     if next_tokens_BT is not None:
       if not cfg.num_nextn_predict_layers:
