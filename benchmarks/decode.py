@@ -9,13 +9,20 @@
    subprocess reports its RSS after warming up jax and its peak after loading (VmHWM: getrusage's
    ru_maxrss of a child also counts the parent it was forked from); ratio = (peak - before) /
    parameter bytes.
+4. With `--mtp_workdir` (a run trained with MTP layers, e.g. experiments/configs/k2_nano_mtp.py):
+   self-speculative decoding (`generate(..., speculative="mtp")`) against plain cached greedy
+   decoding, side by side: batch 1, prompts = the first 64 tokens of validation rows, each
+   continued by `--spec_tokens` tokens both ways in turn, per round; the draft acceptance rate,
+   tokens per main-model step, whether the outputs are identical, and the speedup of the medians.
 
-Run: python benchmarks/decode.py [--preset k2_small] [--contexts 128,512,1024] [--markdown]
+Run: python benchmarks/decode.py [--preset k2_small] [--contexts 128,512,1024]
+     [--mtp_workdir workdirs/k2_nano_mtp] [--markdown]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -24,17 +31,23 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import k2jax.hf
+from k2jax import data as data_lib
 from k2jax import presets
 from k2jax.config import ModelConfig
+from k2jax.decode import generate
 from k2jax.model import Transformer, abstract_variables, init_variables
 from k2jax.model.transformer import init_cache
 from k2jax.perf import time_fn
+from k2jax.train.workdir import load_latest
+
+SPEC_PROMPT_TOKENS = 64
 
 # ~1 GB of float32 parameters (embeddings, 2 dense + 2 MoE layers of 64 experts).
 RSS_CONFIG = ModelConfig(
@@ -125,6 +138,43 @@ def bench_load_rss() -> dict:
   return r
 
 
+def bench_speculative(workdir: str, prompts: int, new_tokens: int, rounds: int,
+                      dtypes: list[str]) -> list[dict]:
+  """Plain vs MTP-speculative greedy decoding of a trained run, per compute dtype (see 4.)."""
+  cfg, variables, tok, config = load_latest(workdir)
+  rows_it = data_lib.make_iterator(config.data, tok, "validation", prompts, SPEC_PROMPT_TOKENS,
+                                   config.seed)
+  batch = [row[:SPEC_PROMPT_TOKENS].tolist() for row in next(rows_it)["tokens"]]
+  rows_it.close()
+  out = []
+  for dtype in dtypes:
+    run = functools.partial(generate, cfg.replace(dtype=dtype), variables,
+                            max_new_tokens=new_tokens, valid_vocab=tok.vocab_size)
+    run([batch[0]]), run([batch[0]], speculative="mtp")  # compile both.
+    plain_s, spec_s = [], []
+    for _ in range(rounds):
+      plain_s.append(0.0)
+      spec_s.append(0.0)
+      plain, spec = [], []
+      for prompt in batch:
+        t0 = time.perf_counter()
+        plain.append(run([prompt]))
+        plain_s[-1] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        spec.append(run([prompt], speculative="mtp"))
+        spec_s[-1] += time.perf_counter() - t0
+    made = sum(len(g.tokens[0]) for g in plain)
+    drafted, accepted = (sum(getattr(g, k)[0] for g in spec) for k in ("drafted", "accepted"))
+    p, sp = statistics.median(plain_s), statistics.median(spec_s)
+    out.append({"dtype": dtype, "plain_tok_s": made / p, "spec_tok_s": made / sp,
+                "speedup": p / sp, "acceptance": accepted / drafted,
+                "tokens_per_step": (made - len(batch)) / drafted,
+                "identical": all(a.tokens == b.tokens for a, b in zip(plain, spec)),
+                "prompts": len(batch), "new_tokens": new_tokens, "rounds": rounds,
+                "params": sum(x.size for x in jax.tree.leaves(variables["params"]))})
+  return out
+
+
 def markdown(cfg_name: str, cfg: ModelConfig, rows: list[dict], steps: int, rss: dict) -> str:
   mine, mine_kv = cache_bytes_per_token(cfg)
   k2, k2_kv = cache_bytes_per_token(presets.get("kimi_k2"))
@@ -158,6 +208,24 @@ def markdown(cfg_name: str, cfg: ModelConfig, rows: list[dict], steps: int, rss:
   return "\n".join(lines)
 
 
+def speculative_markdown(workdir: str, rows: list[dict]) -> str:
+  r0 = rows[0]
+  intro = (
+      f"`python benchmarks/decode.py --mtp_workdir {workdir} --markdown`: the run's latest "
+      f"checkpoint ({r0['params'] / 1e6:.2f}M parameters with its MTP layer), batch 1, "
+      f"{r0['prompts']} prompts (the first {SPEC_PROMPT_TOKENS} tokens of validation rows), "
+      f"each continued by {r0['new_tokens']} greedy tokens plainly (compressed MLA cache, one "
+      "token per step) and with `speculative=\"mtp\"` in turn; medians of the summed times "
+      f"over {r0['rounds']} rounds. Acceptance: drafts the main model accepted / drafts made.")
+  lines = ["### Self-speculative decoding with the MTP layer", "", textwrap.fill(intro, 100), "",
+           "| compute dtype | plain tokens/s | speculative tokens/s | speedup | acceptance | "
+           "tokens per step | identical |", "|---|---|---|---|---|---|---|"]
+  lines += [f"| {r['dtype']} | {r['plain_tok_s']:.0f} | {r['spec_tok_s']:.0f} | "
+            f"{r['speedup']:.2f}x | {r['acceptance']:.1%} | {r['tokens_per_step']:.2f} | "
+            f"{'yes' if r['identical'] else 'NO'} |" for r in rows]
+  return "\n".join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="k2_small")
@@ -165,15 +233,27 @@ def main():
   parser.add_argument("--steps", type=int, default=32)
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--markdown", action="store_true", help="print the RESULTS.md section")
+  parser.add_argument("--mtp_workdir", help="a run trained with MTP layers: speculative decoding")
+  parser.add_argument("--spec_prompts", type=int, default=8)
+  parser.add_argument("--spec_tokens", type=int, default=256)
+  parser.add_argument("--spec_rounds", type=int, default=3)
+  parser.add_argument("--spec_dtypes", default="float32,bfloat16")
+  parser.add_argument("--only_speculative", action="store_true")
   args = parser.parse_args()
   cfg = presets.get(args.preset)
   contexts = [int(c) for c in args.contexts.split(",")]
-  rss = bench_load_rss()
-  rows = bench_decode(cfg, contexts, args.steps, args.rounds)
-  if args.markdown:
-    print(markdown(args.preset, cfg, rows, args.steps, rss))
-  else:
-    print(json.dumps({"decode": rows, "load_rss": rss}, indent=2))
+  results, text = {}, []
+  if not args.only_speculative:
+    rss = bench_load_rss()
+    rows = bench_decode(cfg, contexts, args.steps, args.rounds)
+    results.update(decode=rows, load_rss=rss)
+    text.append(markdown(args.preset, cfg, rows, args.steps, rss))
+  if args.mtp_workdir:
+    spec = bench_speculative(args.mtp_workdir, args.spec_prompts, args.spec_tokens,
+                             args.spec_rounds, args.spec_dtypes.split(","))
+    results["speculative"] = spec
+    text.append(speculative_markdown(args.mtp_workdir, spec))
+  print("\n\n".join(text) if args.markdown else json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -13,12 +13,16 @@ policy-gradient update needs as log pi_old. A `callback` receives each step's to
 as they are produced (streaming).
 
 Self-speculative decoding (`speculative="mtp"`, greedy only) drafts with the model's first
-multi-token-prediction layer (DeepSeek-V3): each step, one main-model forward over [token, draft]
-verifies the draft (kept when it equals the main model's greedy choice, which then also gives the
-token after it), and one MTP forward over the same two positions, given the main model's hidden
-states and the tokens it chose, drafts the next one. Both caches are written at those positions; a
-rejected draft's entries are overwritten by the next step before any query sees them. The tokens
-are the main model's greedy choices, as without speculation; a step yields one or two of them.
+multi-token-prediction layer (DeepSeek-V3), which predicts the token after next from the main
+model's normed hidden state at a position and the token after it. Each step, one main-model
+forward over [token, draft] verifies the draft: it stands when it equals the main model's greedy
+choice, which then also gives the token after it. One MTP forward over the same two positions,
+given the main model's hidden states and the tokens it chose, writes the MTP cache and drafts the
+next token. A rejected draft's cache entries are overwritten by the next step before any query
+sees them. The tokens are the main model's greedy choices, as without speculation, one or two per
+step: identical to plain greedy decoding where the main model's logits over [token, draft] equal
+those of a one-token forward (bit for bit in float32 here; bfloat16 matmuls of two rows may round
+differently from one row's and flip a near-tie).
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ def generate(cfg: ModelConfig, variables: dict, prompts: Sequence[Sequence[int]]
   `callback(token_B, live_B)` is called on the host once per generated token position, in order;
   live_B marks the rows that produced token_B (a row is live through its stop token). The
   "capacity" MoE dispatch is replaced by the dropless "sort" one: generation never drops a token.
-  `speculative="mtp"` drafts with the model's MTP layer (greedy decoding only; module docstring).
+  `speculative="mtp"` drafts one token per step with the model's first MTP layer (greedy
+  decoding only; module docstring).
   """
   prompts = [list(p) for p in prompts]
   vocab = cfg.vocab_size if valid_vocab is None else valid_vocab
@@ -236,8 +241,9 @@ def _greedy(logits_BTV: jnp.ndarray) -> jnp.ndarray:
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "valid_vocab", "stream"))
 def _speculate(variables, prompt_BT, lengths_B, stop_S, *, cfg: ModelConfig, max_new_tokens: int,
                valid_vocab: int, stream: bool):
-  """Greedy self-speculative decoding (module docstring): (tokens [B, N + 1], their log-probs,
-  tokens made [B] (may pass N by one), drafts checked [B], drafts accepted [B])."""
+  """Greedy self-speculative decoding, one draft per step (module docstring): (tokens
+  [B, N + 1], their log-probs, tokens made [B] (may pass N by one), drafts checked [B], drafts
+  accepted [B])."""
   B, T = prompt_BT.shape
   N, rows_B = max_new_tokens, jnp.arange(B)
   forward = _decoder(cfg, variables, valid_vocab)
@@ -277,9 +283,11 @@ def _speculate(variables, prompt_BT, lengths_B, stop_S, *, cfg: ModelConfig, max
     logp_B2 = jax.vmap(_log_prob, in_axes=(1, 1), out_axes=1)(logits_B2V, chosen_B2)
     hit_B = chosen_B2[:, 0] == s["draft"]
     stop_B2 = jnp.isin(chosen_B2, stop_S)
-    two_B = live_B & hit_B & ~stop_B2[:, 0]  # the draft stands: its successor is made too.
+    two_B = live_B & hit_B & ~stop_B2[:, 0]  # the draft stands: the token after it comes too.
     emit(chosen_B2[:, 0], live_B)
     emit(chosen_B2[:, 1], two_B)
+    # The MTP layer over the same two positions with the tokens chosen: the entry of the second
+    # is final only when the draft stood, and the next draft comes from the last one made.
     drafts_B2, mtp_cache = draft(hidden_B2D, chosen_B2, positions_B2, s["mtp_cache"])
     at_B2 = jnp.stack([jnp.where(live_B, s["made"], N + 1),
                        jnp.where(two_B, s["made"] + 1, N + 1)], 1)  # N + 1: dropped.

@@ -106,6 +106,6 @@ def draft_logits(cfg: ModelConfig, variables: dict, cache: dict, hidden_BTD: jnp
   emb_1BTD = jnp.take(params["embed"]["embedding"], tokens_1BT, axis=0).astype(jnp.float32)
   layer = {"params": first(params["mtp_layers"]), "cache": cache,
            "router": first(variables["router"]["mtp_layers"])}
-  (_, (y_1BTD, _)), mutated = mtp_stack(cfg.replace(num_nextn_predict_layers=1), True).apply(
+  (_, (g_1BTD, _)), mutated = mtp_stack(cfg.replace(num_nextn_predict_layers=1), True).apply(
       layer, hidden_BTD, (emb_1BTD, segments_1BT), positions_BT, mutable=["cache"])
-  return dense(y_1BTD[0], params["lm_head"]["kernel"], cfg.dtype), mutated["cache"]
+  return dense(g_1BTD[0], params["lm_head"]["kernel"], cfg.dtype), mutated["cache"]

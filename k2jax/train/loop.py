@@ -100,7 +100,8 @@ class Run:
     counts = count_params(cfg)
     self.flops_per_token = flops_per_token(cfg, t.seq_len)
     self.peak = cached_matmul_peak_flops(jnp.dtype(cfg.dtype)) * self.num_devices
-    print(f"k2jax: {config.model.preset} ({counts['total'] / 1e6:.2f}M params, "
+    mtp = f" + {counts['mtp'] / 1e6:.2f}M in MTP layers" if counts["mtp"] else ""
+    print(f"k2jax: {config.model.preset} ({counts['total'] / 1e6:.2f}M params{mtp}, "
           f"{counts['activated'] / 1e6:.2f}M activated), {config.optimizer.name}, "
           f"{t.steps} steps x {t.batch_size} x {t.seq_len} tokens, dtype {cfg.dtype}, "
           f"{self.num_devices} device(s), peak {self.peak / 1e12:.2f} TFLOP/s, "

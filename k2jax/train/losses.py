@@ -171,5 +171,7 @@ def weight_at(w, step) -> jax.Array | float:
 
 
 def combine(weights: Mapping, values: Mapping[str, jax.Array], step) -> jax.Array:
-  """sum_name weight(step) * value."""
-  return sum(weight_at(w, step) * values[name] for name, w in weights.items())
+  """sum_name weight(step) * value. A term whose weight is the number 0 is left out, not added
+  times 0: it is reported but takes no part in the gradient (nor perturbs its rounding)."""
+  return sum((weight_at(w, step) * values[name] for name, w in weights.items()
+              if callable(w) or isinstance(w, (tuple, list)) or w != 0), jnp.float32(0))
