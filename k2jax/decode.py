@@ -122,24 +122,25 @@ def generate(cfg: ModelConfig, variables: dict, prompts: Sequence[Sequence[int]]
           np.float32(max(temperature, 1e-6)), np.float32(top_p), stop_S, cfg=cfg,
           max_new_tokens=max_new_tokens, greedy=temperature == 0, top_k=top_k,
           nucleus=top_p < 1, valid_vocab=vocab, stream=callback is not None)
-      made_B, drafts = np.full(len(prompts), int(steps)), None
+      steps = int(steps)
+      tokens = np.asarray(tokens_BN)[:, :steps].tolist()
+      logprobs, drafts = np.asarray(logprobs_BN)[:, :steps].tolist(), (None, None)
     else:
-      tokens_BN, logprobs_BN, made_B, drafted_B, accepted_B = _speculate(
+      out = jax.device_get(_speculate(
           variables, prompt_BT, np.asarray(lengths, np.int32), stop_S, cfg=cfg,
-          max_new_tokens=max_new_tokens, valid_vocab=vocab, stream=callback is not None)
-      made_B = np.minimum(np.asarray(made_B), max_new_tokens)
-      drafts = (np.asarray(drafted_B).tolist(), np.asarray(accepted_B).tolist())
+          max_new_tokens=max_new_tokens, valid_vocab=vocab, stream=callback is not None))
+      tokens, logprobs, *drafts = _unpack_speculated(*out)
   finally:
     _STREAM[0] = None
   stops = {int(t) for t in stop_tokens}
-  out = Generation([], [], [], *(drafts or (None, None)))
-  for row, logp, made in zip(np.asarray(tokens_BN).tolist(), np.asarray(logprobs_BN).tolist(),
-                             made_B):
-    end = next((i + 1 for i, t in enumerate(row[:made]) if t in stops), made)
-    out.tokens.append(row[:end])
-    out.logprobs.append(logp[:end])
-    out.finished.append(row[end - 1] in stops)
-  return out
+  result = Generation([], [], [], *drafts)
+  for row, logp in zip(tokens, logprobs):
+    row = row[:max_new_tokens]
+    end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+    result.tokens.append(row[:end])
+    result.logprobs.append(logp[:end])
+    result.finished.append(row[end - 1] in stops)
+  return result
 
 
 def sample_logits(logits_BV: jnp.ndarray, key: jax.Array, temperature, top_p, *, greedy: bool,
@@ -231,7 +232,8 @@ def _valid(logits_BTV: jnp.ndarray, valid_vocab: int) -> jnp.ndarray:
 
 
 def _log_prob(logits_BV: jnp.ndarray, token_B: jnp.ndarray) -> jnp.ndarray:
-  return jnp.take_along_axis(jax.nn.log_softmax(logits_BV), token_B[:, None], axis=-1)[:, 0]
+  """log softmax(logits)[token] (any leading axes)."""
+  return jnp.take_along_axis(jax.nn.log_softmax(logits_BV), token_B[..., None], axis=-1)[..., 0]
 
 
 def _greedy(logits_BTV: jnp.ndarray) -> jnp.ndarray:
@@ -241,9 +243,9 @@ def _greedy(logits_BTV: jnp.ndarray) -> jnp.ndarray:
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "valid_vocab", "stream"))
 def _speculate(variables, prompt_BT, lengths_B, stop_S, *, cfg: ModelConfig, max_new_tokens: int,
                valid_vocab: int, stream: bool):
-  """Greedy self-speculative decoding, one draft per step (module docstring): (tokens
-  [B, N + 1], their log-probs, tokens made [B] (may pass N by one), drafts checked [B], drafts
-  accepted [B])."""
+  """Greedy self-speculative decoding, one draft per step (module docstring): (the first token
+  [B] and its log-prob [B]; per step, the two tokens the main model chose [B, N, 2], their
+  log-probs, and how many of them the row took [B, N]: 0 once done, 2 when the draft stood)."""
   B, T = prompt_BT.shape
   N, rows_B = max_new_tokens, jnp.arange(B)
   forward = _decoder(cfg, variables, valid_vocab)
@@ -266,13 +268,10 @@ def _speculate(variables, prompt_BT, lengths_B, stop_S, *, cfg: ModelConfig, max
   emit(token_B, jnp.ones(B, bool))
   next_BT = jnp.pad(prompt_BT[:, 1:], ((0, 0), (0, 1))).at[rows_B, lengths_B - 1].set(token_B)
   drafts_BT, mtp_cache = draft(hidden_BTD, next_BT, positions_BT, mtp_cache)
-  tokens_BN = jnp.zeros((B, N + 1), jnp.int32).at[:, 0].set(token_B)
-  logprobs_BN = jnp.zeros((B, N + 1), jnp.float32).at[:, 0].set(_log_prob(last_BV, token_B))
-  zeros_B = jnp.zeros(B, jnp.int32)
-  state = dict(token=token_B, draft=drafts_BT[rows_B, lengths_B - 1], position=lengths_B,
+  state = dict(step=0, token=token_B, draft=drafts_BT[rows_B, lengths_B - 1], position=lengths_B,
                made=jnp.ones(B, jnp.int32), done=jnp.isin(token_B, stop_S) | (N == 1),
-               tokens=tokens_BN, logprobs=logprobs_BN, drafted=zeros_B, accepted=zeros_B,
-               cache=cache, mtp_cache=mtp_cache)
+               chosen=jnp.zeros((B, N, 2), jnp.int32), logprobs=jnp.zeros((B, N, 2), jnp.float32),
+               taken=jnp.zeros((B, N), jnp.int32), cache=cache, mtp_cache=mtp_cache)
 
   def body(s):
     live_B = ~s["done"]
@@ -280,27 +279,38 @@ def _speculate(variables, prompt_BT, lengths_B, stop_S, *, cfg: ModelConfig, max
     logits_B2V, hidden_B2D, cache = forward(jnp.stack([s["token"], s["draft"]], 1), positions_B2,
                                             s["cache"])
     chosen_B2 = _greedy(logits_B2V)  # the main model's token after each of the two positions.
-    logp_B2 = jax.vmap(_log_prob, in_axes=(1, 1), out_axes=1)(logits_B2V, chosen_B2)
-    hit_B = chosen_B2[:, 0] == s["draft"]
+    logp_B2 = _log_prob(logits_B2V, chosen_B2)
     stop_B2 = jnp.isin(chosen_B2, stop_S)
-    two_B = live_B & hit_B & ~stop_B2[:, 0]  # the draft stands: the token after it comes too.
+    two_B = live_B & (chosen_B2[:, 0] == s["draft"]) & ~stop_B2[:, 0]  # the draft stood.
     emit(chosen_B2[:, 0], live_B)
     emit(chosen_B2[:, 1], two_B)
     # The MTP layer over the same two positions with the tokens chosen: the entry of the second
-    # is final only when the draft stood, and the next draft comes from the last one made.
+    # is final only when the draft stood, and the next draft comes from the last token made.
     drafts_B2, mtp_cache = draft(hidden_B2D, chosen_B2, positions_B2, s["mtp_cache"])
-    at_B2 = jnp.stack([jnp.where(live_B, s["made"], N + 1),
-                       jnp.where(two_B, s["made"] + 1, N + 1)], 1)  # N + 1: dropped.
-    made_B = s["made"] + live_B + two_B
+    taken_B = live_B.astype(jnp.int32) + two_B
+    made_B = s["made"] + taken_B
+    at = (0, s["step"], 0)
     return dict(
+        step=s["step"] + 1,
         token=jnp.where(two_B, chosen_B2[:, 1], jnp.where(live_B, chosen_B2[:, 0], s["token"])),
         draft=jnp.where(two_B, drafts_B2[:, 1], drafts_B2[:, 0]),
-        position=s["position"] + live_B + two_B, made=made_B,
+        position=s["position"] + taken_B, made=made_B,
         done=s["done"] | stop_B2[:, 0] | (two_B & stop_B2[:, 1]) | (made_B >= N),
-        tokens=s["tokens"].at[rows_B[:, None], at_B2].set(chosen_B2, mode="drop"),
-        logprobs=s["logprobs"].at[rows_B[:, None], at_B2].set(logp_B2, mode="drop"),
-        drafted=s["drafted"] + live_B, accepted=s["accepted"] + (live_B & hit_B),
+        chosen=jax.lax.dynamic_update_slice(s["chosen"], chosen_B2[:, None], at),
+        logprobs=jax.lax.dynamic_update_slice(s["logprobs"], logp_B2[:, None], at),
+        taken=jax.lax.dynamic_update_slice(s["taken"], taken_B[:, None], at[:2]),
         cache=cache, mtp_cache=mtp_cache)
 
   s = jax.lax.while_loop(lambda s: ~jnp.all(s["done"]), body, state)
-  return s["tokens"], s["logprobs"], s["made"], s["drafted"], s["accepted"]
+  return token_B, _log_prob(last_BV, token_B), s["chosen"], s["logprobs"], s["taken"]
+
+
+def _unpack_speculated(token_B, logp_B, chosen_BS2, logp_BS2, taken_BS):
+  """Per row, the tokens and log-probs in order (the first, then each step's taken ones), the
+  drafts checked (steps the row was live) and accepted (steps that took two)."""
+  tokens, logprobs = [], []
+  for b, taken_S in enumerate(taken_BS):
+    keep_S2 = np.arange(2) < taken_S[:, None]
+    tokens.append([int(token_B[b])] + chosen_BS2[b][keep_S2].tolist())
+    logprobs.append([float(logp_B[b])] + logp_BS2[b][keep_S2].tolist())
+  return tokens, logprobs, np.sum(taken_BS > 0, 1).tolist(), np.sum(taken_BS == 2, 1).tolist()

@@ -1,12 +1,11 @@
-r"""k2_nano (the default demo) plus one DeepSeek-V3 multi-token-prediction layer, trained with
-the MTP loss at lambda 0.3, then 0.1 from step 400 (DeepSeek-V3's 0.3 -> 0.1), so that it can
-draft for its own speculative decoding:
+r"""k2_nano (the demo) plus one DeepSeek-V3 MTP layer, trained at lambda 0.3, 0.1 from step 400.
 
   python experiments/train.py --config=experiments/configs/k2_nano_mtp.py \
       --workdir=workdirs/k2_nano_mtp
-  python benchmarks/decode.py --mtp_workdir=workdirs/k2_nano_mtp --markdown
+  python benchmarks/decode.py --mtp_workdir=workdirs/k2_nano_mtp --only_speculative --markdown
 
-Its acceptance rate, decode speedup and training cost are in benchmarks/RESULTS.md.
+The MTP layer then drafts for the model's own speculative decoding; its acceptance rate, the decode
+speedup and the training cost are in benchmarks/RESULTS.md.
 """
 
 import importlib.util

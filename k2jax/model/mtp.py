@@ -90,22 +90,24 @@ def mtp_stack(cfg: ModelConfig, decode: bool = False, name: str | None = None) -
   return scanned(cfg, decode, name=name)
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, depth: int = 1) -> dict:
-  """The zeroed decode cache of the first `depth` MTP layers (what `draft_logits` reads)."""
-  return {"block": {"attn": mla_cache(cfg, depth, batch, length)}}
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
+  """The zeroed decode cache of the first MTP layer alone (what `draft_logits` reads): its MLA
+  cache, latent [B, length, kv_lora] and rotated key [B, length, dr]."""
+  return {"block": {"attn": jax.tree.map(lambda x: x[0], mla_cache(cfg, 1, batch, length))}}
 
 
 def draft_logits(cfg: ModelConfig, variables: dict, cache: dict, hidden_BTD: jnp.ndarray,
                  next_tokens_BT: jnp.ndarray, positions_BT: jnp.ndarray):
-  """The first MTP depth in decode mode: (logits_BTV of the token two ahead of each position,
+  """The first MTP layer in decode mode: (logits_BTV of the token two ahead of each position,
   cache). `hidden_BTD`: the main model's normed hidden states at `positions_BT` (its
   "intermediates" `hidden_BTD`); `next_tokens_BT`: the token after each position. Writes the cache
-  at `positions_BT` and attends over the cached positions up to each."""
-  params, first = variables["params"], lambda tree: jax.tree.map(lambda x: x[:1], tree)
+  at `positions_BT` and attends over the cached positions up to each. The layer runs on its own,
+  out of the depths' scan."""
+  params, first = variables["params"], lambda tree: jax.tree.map(lambda x: x[0], tree)
   tokens_1BT, segments_1BT = lookahead(next_tokens_BT, 1)
-  emb_1BTD = jnp.take(params["embed"]["embedding"], tokens_1BT, axis=0).astype(jnp.float32)
+  emb_BTD = jnp.take(params["embed"]["embedding"], tokens_1BT[0], axis=0).astype(jnp.float32)
   layer = {"params": first(params["mtp_layers"]), "cache": cache,
            "router": first(variables["router"]["mtp_layers"])}
-  (_, (g_1BTD, _)), mutated = mtp_stack(cfg.replace(num_nextn_predict_layers=1), True).apply(
-      layer, hidden_BTD, (emb_1BTD, segments_1BT), positions_BT, mutable=["cache"])
-  return dense(g_1BTD[0], params["lm_head"]["kernel"], cfg.dtype), mutated["cache"]
+  (g_BTD, _), mutated = MTPLayer(cfg, decode=True).apply(
+      layer, hidden_BTD, (emb_BTD, segments_1BT[0]), positions_BT, mutable=["cache"])
+  return dense(g_BTD, params["lm_head"]["kernel"], cfg.dtype), mutated["cache"]
