@@ -13,7 +13,10 @@
    self-speculative decoding (`generate(..., speculative="mtp")`) against plain cached greedy
    decoding, side by side: batch 1, prompts = the first 64 tokens of validation rows, each
    continued by `--spec_tokens` tokens both ways in turn, per round; the draft acceptance rate,
-   tokens per main-model step, whether the outputs are identical, and the speedup of the medians.
+   tokens per main-model step, whether the outputs are identical, and the speedup of the medians;
+   and what one step costs: jitted loops of 128 steps of the main model's cached forward over one
+   token (a plain step) and over two (a verification), and of the MTP layer over two positions
+   after the latter (a speculative step without its bookkeeping), medians over rounds.
 
 Run: python benchmarks/decode.py [--preset k2_small] [--contexts 128,512,1024]
      [--mtp_workdir workdirs/k2_nano_mtp] [--markdown]
@@ -42,7 +45,7 @@ from k2jax import data as data_lib
 from k2jax import presets
 from k2jax.config import ModelConfig
 from k2jax.decode import generate
-from k2jax.model import Transformer, abstract_variables, init_variables
+from k2jax.model import Transformer, abstract_variables, init_variables, mtp
 from k2jax.model.transformer import init_cache
 from k2jax.perf import time_fn
 from k2jax.train.workdir import load_latest
@@ -166,13 +169,49 @@ def bench_speculative(workdir: str, prompts: int, new_tokens: int, rounds: int,
     made = sum(len(g.tokens[0]) for g in plain)
     drafted, accepted = (sum(getattr(g, k)[0] for g in spec) for k in ("drafted", "accepted"))
     p, sp = statistics.median(plain_s), statistics.median(spec_s)
-    out.append({"dtype": dtype, "plain_tok_s": made / p, "spec_tok_s": made / sp,
+    costs = step_costs(cfg.replace(dtype=dtype), variables, rounds)
+    out.append({"dtype": dtype, "plain_tok_s": made / p, "spec_tok_s": made / sp, **costs,
                 "speedup": p / sp, "acceptance": accepted / drafted,
                 "tokens_per_step": (made - len(batch)) / drafted,
                 "identical": all(a.tokens == b.tokens for a, b in zip(plain, spec)),
                 "prompts": len(batch), "new_tokens": new_tokens, "rounds": rounds,
                 "params": sum(x.size for x in jax.tree.leaves(variables["params"]))})
   return out
+
+
+def step_costs(cfg: ModelConfig, variables: dict, rounds: int, steps: int = 128) -> dict:
+  """ms per step of the main model's cached forward over 1 and 2 tokens, and of the latter
+  followed by the MTP layer over the same 2 positions (loops of `steps`, at context 64)."""
+  model, length = Transformer(cfg), SPEC_PROMPT_TOKENS + steps + 2
+  cache, mtp_cache = init_cache(cfg, 1, length), mtp.init_cache(cfg, 1, length)
+
+  def loop(tokens: int, draft: bool):
+    @jax.jit
+    def run(variables, cache, mtp_cache):
+      def body(i, carry):
+        cache, mtp_cache, token_B2 = carry
+        positions_B2 = SPEC_PROMPT_TOKENS + i + jnp.arange(2)[None, :tokens]
+        (logits, _), mutated = model.apply(
+            {**variables, "cache": cache}, token_B2[:, :tokens], positions_B2, decode=True,
+            mutable=["cache", "intermediates"])
+        token_B2 = jnp.broadcast_to(jnp.argmax(logits[:, -1:], -1), (1, 2)).astype(jnp.int32)
+        if draft:
+          logits, mtp_cache = mtp.draft_logits(
+              cfg, variables, mtp_cache, mutated["intermediates"]["hidden_BTD"][0], token_B2,
+              positions_B2)
+          token_B2 = token_B2.at[:, 1].set(jnp.argmax(logits[:, 1], -1).astype(jnp.int32))
+        return mutated["cache"], mtp_cache, token_B2
+
+      return jax.lax.fori_loop(0, steps, body, (cache, mtp_cache, jnp.zeros((1, 2), jnp.int32)))
+
+    return run
+
+  loops = {"one_ms": loop(1, False), "two_ms": loop(2, False), "two_mtp_ms": loop(2, True)}
+  times = {k: [] for k in loops}
+  for _ in range(rounds):
+    for k, f in loops.items():
+      times[k].append(time_fn(f, variables, cache, mtp_cache, reps=1) / steps * 1e3)
+  return {k: statistics.median(v) for k, v in times.items()}
 
 
 def markdown(cfg_name: str, cfg: ModelConfig, rows: list[dict], steps: int, rss: dict) -> str:
@@ -223,6 +262,14 @@ def speculative_markdown(workdir: str, rows: list[dict]) -> str:
   lines += [f"| {r['dtype']} | {r['plain_tok_s']:.0f} | {r['spec_tok_s']:.0f} | "
             f"{r['speedup']:.2f}x | {r['acceptance']:.1%} | {r['tokens_per_step']:.2f} | "
             f"{'yes' if r['identical'] else 'NO'} |" for r in rows]
+  costs = ("Per step (ms, batch 1, context 64): the main model's cached forward over one token "
+           "(plain), over two (verification), and the latter plus the MTP layer over the two "
+           "positions (a speculative step without its bookkeeping):")
+  lines += ["", textwrap.fill(costs, 100), "",
+            "| compute dtype | 1 token | 2 tokens | 2 tokens + MTP layer |", "|---|---|---|---|"]
+  ratio = lambda r, k: f"{r[k]:.3f} ({r[k] / r['one_ms']:.2f}x)"
+  lines += [f"| {r['dtype']} | {r['one_ms']:.3f} | {ratio(r, 'two_ms')} | "
+            f"{ratio(r, 'two_mtp_ms')} |" for r in rows]
   return "\n".join(lines)
 
 

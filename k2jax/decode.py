@@ -47,8 +47,8 @@ SPECULATIVE = ("mtp",)
 class Generation(NamedTuple):
   """Per row: the new tokens (through the first stop token, included), the log-probability of
   each under the model, and whether the row ended at a stop token (False: max_new_tokens). With
-  speculative decoding also, per row, the drafts the main model checked and how many it accepted
-  (None without)."""
+  speculative decoding also, per row, the drafts the main model checked and how many of them it
+  accepted, i.e. kept as tokens (None without)."""
 
   tokens: list[list[int]]
   logprobs: list[list[float]]

@@ -206,6 +206,7 @@ def _random_batch(seed: int, B: int = 4, T: int = 16) -> dict:
                                        jnp.int32)}
 
 
+@pytest.mark.slow  # three train steps to compile.
 def test_lambda_zero_trains_exactly_as_without_mtp_layers():
   """With lambda = 0 the main model's parameters, router biases and loss follow, bit for bit, the
   run of the same model without MTP layers (the MTP layers run and are reported, but teach
@@ -267,6 +268,7 @@ def test_weight_schedule_and_bad_weights():
   assert model_config(config, 257).num_nextn_predict_layers == 1
 
 
+@pytest.mark.slow  # two train steps to compile.
 def test_accumulation_weighs_each_depth_over_the_whole_batch():
   """Micro-batches with very different numbers of targets per depth: the accumulated MTP term
   equals the one-batch term (each depth normalised by its count over the whole batch)."""
