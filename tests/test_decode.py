@@ -135,15 +135,20 @@ def test_log_probs_stops_and_streaming():
   got = generate(cfg, variables, prompts, 12, temperature=1.3, seed=1, stop_tokens=[4, 11, 30],
                  valid_vocab=60, callback=lambda t, live: seen.append((t.copy(), live.copy())))
   assert len(seen) == max(len(t) for t in got.tokens)
+  rows = [p + t for p, t in zip(prompts, got.tokens)]
+  padded = np.zeros((len(rows), max(map(len, rows))), np.int32)  # right padding: causal-safe.
+  for row, r in zip(padded, rows):
+    row[:len(r)] = r
+  full, _ = jax.jit(Transformer(cfg).apply)(variables, jnp.asarray(padded))
+  logp_all = np.asarray(jax.nn.log_softmax(full[..., :60]))
   for b, (toks, logps) in enumerate(zip(got.tokens, got.logprobs)):
     assert len(toks) == len(logps) and max(toks) < 60
     assert got.finished[b] == (toks[-1] in (4, 11, 30))
     assert not set(toks[:-1]) & {4, 11, 30}
     assert [int(s[0][b]) for s in seen[:len(toks)]] == toks  # streamed as produced
     assert all(s[1][b] for s in seen[:len(toks)]) and not any(s[1][b] for s in seen[len(toks):])
-    full, _ = Transformer(cfg).apply(variables, jnp.asarray([prompts[b] + toks]))
-    logp = jax.nn.log_softmax(full[0, len(prompts[b]) - 1:-1, :60])
-    want = np.take_along_axis(np.asarray(logp), np.asarray(toks)[:, None], -1)[:, 0]
+    start = len(prompts[b]) - 1
+    want = logp_all[b, start + np.arange(len(toks)), toks]
     np.testing.assert_allclose(logps, want, atol=2e-5)
   assert sum(got.finished) >= 1 and len({len(t) for t in got.tokens}) > 1
 

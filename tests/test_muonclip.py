@@ -159,8 +159,8 @@ def test_params_straight_from_model_init_are_accepted():
   results = []
   for variables in (boxed, plain):
     grads, max_logits = jax.jit(jax.grad(loss, has_aux=True))(variables["params"], variables)
-    updates, state = tx.update(grads, tx.init(variables["params"]), variables["params"],
-                               max_logits=max_logits)
+    updates, state = jax.jit(tx.update)(grads, tx.init(variables["params"]),
+                                        variables["params"], max_logits=max_logits)
     results.append((optax.apply_updates(variables["params"], updates), state))
   (new_boxed, s_boxed), (new_plain, s_plain) = results
   assert isinstance(new_boxed["embed"]["embedding"], nn.LogicallyPartitioned)

@@ -13,8 +13,10 @@ minimises sum_name weight * total / count, taking each count over the whole batc
 accumulation splits it, so micro-batches with more or fewer masked tokens weigh exactly as in the
 full batch. A term with no units (an all-zero loss mask) is 0, not NaN. A term may have parts
 (total and count vectors, e.g. one per MTP depth): its value is the mean over the parts of
-total / count. TERMS holds terms, or functions of the ModelConfig that build one for the model
-(`for_model`); other modules add theirs (policy objectives) without touching the step.
+total / count. New terms go into TERMS without touching the step; a term that depends on the
+model is a function of the ModelConfig there ("mtp", built for the model by `for_model`); terms
+with other parameters (the policy objectives `kimi_policy_term(tau)`, `grpo_term(clip_eps)`) are
+built by their caller and passed to the step with the others.
 
 A weight is a number >= 0, a function of the step, or (value, final, switch_step): value before
 step switch_step, final from it on (DeepSeek-V3's MTP weight, 0.3 then 0.1).
@@ -105,6 +107,53 @@ def mtp_term(cfg: ModelConfig) -> Term:
                       for k in depths])
 
   return Term(total, lambda b: jnp.stack([jnp.sum(target_weights(b, k + 1)) for k in depths]))
+
+
+def _policy_tokens(outputs, batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(mask [B, T] of the targets the policy sampled, log pi_theta and log pi_old of them)."""
+  mask_BT = batch["policy_mask"][:, 1:].astype(jnp.float32)
+  logp_BT = token_log_probs(outputs["logits"], batch["tokens"][:, 1:])
+  return mask_BT, logp_BT * mask_BT, batch["old_logprobs"][:, 1:] * mask_BT
+
+
+def _policy_rows(batch) -> jax.Array:
+  return jnp.any(batch["policy_mask"] > 0, axis=-1).astype(jnp.float32)
+
+
+def kimi_policy_term(tau: float) -> Term:
+  """Kimi K1.5 / K2's policy objective, per sampled response y_i of a prompt x:
+  (r_i - mean_j r_j - tau * log(pi_theta(y_i | x) / pi_old(y_i | x)))^2, the log-ratio summed over
+  the policy's tokens, averaged over responses. The batch carries `advantage` [B] (r_i minus the
+  mean reward of its prompt's samples), `policy_mask` and `old_logprobs` [B, T+1] (the sampled
+  tokens as targets, and their log-probs when sampled). At theta = pi_old its gradient is
+  -2 tau / N sum_i (r_i - mean r) grad log pi_theta(y_i): REINFORCE with the group-mean baseline."""
+  if not tau > 0:
+    raise ValueError(f"rl.tau must be > 0, got {tau!r}")
+
+  def total(outputs, batch):
+    _, logp_BT, old_BT = _policy_tokens(outputs, batch)
+    ratio_B = jnp.sum(logp_BT - old_BT, axis=-1)
+    return jnp.sum(_policy_rows(batch) * jnp.square(batch["advantage"] - tau * ratio_B))
+
+  return Term(total, lambda b: jnp.sum(_policy_rows(b)))
+
+
+def grpo_term(clip_eps: float) -> Term:
+  """GRPO's clipped surrogate, -min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i) per sampled
+  token, rho_t = pi_theta / pi_old of that token, A_i the response's group-normalised advantage
+  (`advantage` [B]), averaged over the policy's tokens of the batch (no KL term)."""
+  if not 0 < clip_eps < 1:
+    raise ValueError(f"rl.clip_eps must be in (0, 1), got {clip_eps!r}")
+
+  def total(outputs, batch):
+    mask_BT, logp_BT, old_BT = _policy_tokens(outputs, batch)
+    rho_BT = jnp.exp(logp_BT - old_BT)
+    adv_B1 = batch["advantage"][:, None]
+    surrogate_BT = jnp.minimum(rho_BT * adv_B1,
+                               jnp.clip(rho_BT, 1 - clip_eps, 1 + clip_eps) * adv_B1)
+    return -jnp.sum(mask_BT * surrogate_BT)
+
+  return Term(total, lambda b: jnp.sum(b["policy_mask"][:, 1:].astype(jnp.float32)))
 
 
 TERMS: dict[str, Term | Callable[[ModelConfig], Term]] = {
