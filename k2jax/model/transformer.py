@@ -112,9 +112,9 @@ def update_router(router: dict, load_LE: jnp.ndarray, rate: float, centered: boo
   for name in MOE_STACKS:
     if name in router:
       n = jax.tree.leaves(router[name])[0].shape[0]
+      rows_LE = load_LE[row:row + n]
       router[name] = jax.tree.map(
-          lambda b: update_router_bias(b, load_LE[row:row + n], rate, centered),  # noqa: B023
-          router[name])
+          lambda b, rows_LE=rows_LE: update_router_bias(b, rows_LE, rate, centered), router[name])
       row += n
   return router
 
