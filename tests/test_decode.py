@@ -1,6 +1,7 @@
 """The decoder (compressed MLA cache): per-step parity with the full forward, transformers' greedy
 `generate` token for token (uneven prompts batched, stop tokens), log-probs, top-k and nucleus
-sampling, streaming, and the train loop's closing sample on the same path."""
+sampling, streaming, the train loop's closing sample on the same path, and self-speculative
+decoding with the MTP layer against plain greedy decoding."""
 
 import functools
 
@@ -11,10 +12,10 @@ import pytest
 import torch
 from test_hf_parity import CASES, _hf_model
 
-from k2jax import decode
+from k2jax import decode, presets
 from k2jax.decode import generate
 from k2jax.hf import from_torch_state_dict
-from k2jax.model import Transformer
+from k2jax.model import Transformer, init_variables
 from k2jax.model.transformer import init_cache
 
 
@@ -173,3 +174,53 @@ def test_train_closing_sample_is_the_decoder(monkeypatch, corpus, tmp_path):
   summary = train(config, str(tmp_path))
   assert len(calls) == 1 and calls[0]["valid_vocab"] == 257
   assert isinstance(summary["sample"], str) and summary["sample"].startswith(config.sample.prompt)
+
+
+@functools.cache
+def _mtp_model():
+  """A tiny random model with one MTP layer; a 16-token vocabulary, so that its drafts are
+  sometimes right and sometimes wrong."""
+  cfg = presets.get("k2_nano", vocab_size=16, hidden_size=64, num_hidden_layers=3,
+                    n_routed_experts=8, num_nextn_predict_layers=1, init_std=0.3)
+  return cfg, init_variables(cfg, 0)
+
+
+def test_speculative_decoding_equals_greedy_decoding():
+  """speculative="mtp" returns plain greedy decoding's tokens, log-probs and finished flags, and
+  streams the same tokens in the same order: uneven prompts batched together, stop ids, rows that
+  run to max_new_tokens; drafts both accepted and rejected."""
+  cfg, variables = _mtp_model()
+  rng = np.random.default_rng(4)
+  prompts = [rng.integers(0, 14, n).tolist() for n in (3, 11, 6, 1, 8)]
+  for stops, valid in (([5, 9], 16), ([], 14)):
+    streams = {}
+    out = {}
+    for spec in (None, "mtp"):
+      seen = streams[spec] = []
+      out[spec] = generate(cfg, variables, prompts, 40, stop_tokens=stops, valid_vocab=valid,
+                           speculative=spec,
+                           callback=lambda t, live, seen=seen: seen.append((t, live)))
+    plain, fast = out[None], out["mtp"]
+    assert fast.tokens == plain.tokens and fast.finished == plain.finished
+    for a, b in zip(fast.logprobs, plain.logprobs):
+      np.testing.assert_allclose(a, b, atol=1e-5)
+    for b, toks in enumerate(plain.tokens):  # each row's live stream is its tokens, in order.
+      for spec in (None, "mtp"):
+        assert [int(t[b]) for t, live in streams[spec] if live[b]] == toks
+    assert plain.drafted is None and len(fast.drafted) == len(prompts)
+    assert 0 < sum(fast.accepted) < sum(fast.drafted)
+    assert all(d <= len(t) for d, t in zip(fast.drafted, fast.tokens))
+    assert max(max(t) for t in plain.tokens) < valid
+    assert bool(stops) == any(plain.finished) and not all(plain.finished)
+
+
+def test_speculative_decoding_refusals():
+  cfg, variables = _mtp_model()
+  for kwargs, match in [
+      (dict(temperature=0.7), r"greedily only \(temperature 0\), got temperature 0.7"),
+      (dict(speculative="medusa"), r"speculative must be None or one of \('mtp',\)")]:
+    with pytest.raises(ValueError, match=match):
+      generate(cfg, variables, [[1, 2]], 4, **{"speculative": "mtp", **kwargs})
+  plain = CASES["qlora_yarn"]
+  with pytest.raises(ValueError, match=r"needs MTP layers \(ModelConfig.num_nextn_predict_"):
+    generate(plain, _model("qlora_yarn")[1], [[1, 2]], 4, speculative="mtp")

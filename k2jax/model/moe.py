@@ -70,10 +70,13 @@ def update_router_bias(bias_LE: jnp.ndarray, load_LE: jnp.ndarray, rate: float,
 def gathered_experts(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, dtype) -> jnp.ndarray:
   """Each token through the gathered weights of its own K experts (float32 out).
 
-  Reads K experts per token rather than all E: the decoding path, where T*K <= E.
+  Reads K experts per token rather than all E: the decoding path, where T*K <= E. x is
+  broadcast over the K experts so that every matmul is batched over (token, expert) with the
+  gathered weights in their stored [in, out] layout (no transposed copy of them).
   """
-  h_TKF = (jax.nn.silu(matmul("td,tkdf->tkf", x_TD, wg_EDF[idx_TK], dtype))
-           * matmul("td,tkdf->tkf", x_TD, wu_EDF[idx_TK], dtype))
+  x_TKD = jnp.broadcast_to(x_TD[:, None], idx_TK.shape + x_TD.shape[-1:])
+  h_TKF = (jax.nn.silu(matmul("tkd,tkdf->tkf", x_TKD, wg_EDF[idx_TK], dtype))
+           * matmul("tkd,tkdf->tkf", x_TKD, wu_EDF[idx_TK], dtype))
   y_TKD = matmul("tkf,tkfd->tkd", h_TKF, wd_EFD[idx_TK], dtype)
   return jnp.einsum("tkd,tk->td", y_TKD, w_TK.astype(jnp.float32))
 
