@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.runtime-installed
 TESTDEPS := $(VENV)/.test-installed
 
-.PHONY: demo sft-demo test lint bench clean
+.PHONY: demo sft-demo test test-fast lint bench clean
 
 $(RUNTIME): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,13 @@ sft-demo: $(RUNTIME)
 
 test: $(TESTDEPS)
 	$(VENV)/bin/ruff check k2jax tests experiments benchmarks
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadscope tests
+
+test-fast: $(TESTDEPS)  # the inner loop: everything but the `slow` cross-checks
+	$(PY) -m pytest -q -n 2 --dist loadscope -m "not slow" tests
+
+lint: $(TESTDEPS)
+	$(VENV)/bin/ruff check k2jax tests experiments benchmarks
 
 bench: $(TESTDEPS)
 	$(PY) benchmarks/run_all.py

@@ -9,13 +9,23 @@
    subprocess reports its RSS after warming up jax and its peak after loading (VmHWM: getrusage's
    ru_maxrss of a child also counts the parent it was forked from); ratio = (peak - before) /
    parameter bytes.
+4. With `--mtp_workdir` (a run trained with MTP layers, e.g. experiments/configs/k2_nano_mtp.py):
+   self-speculative decoding (`generate(..., speculative="mtp")`) against plain cached greedy
+   decoding, side by side: batch 1, prompts = the first 64 tokens of validation rows, each
+   continued by `--spec_tokens` tokens both ways in turn, per round; the draft acceptance rate,
+   tokens per main-model step, whether the outputs are identical, and the speedup of the medians;
+   and what one step costs: jitted loops of 128 steps of the main model's cached forward over one
+   token (a plain step) and over two (a verification), and of the MTP layer over two positions
+   after the latter (a speculative step without its bookkeeping), medians over rounds.
 
-Run: python benchmarks/decode.py [--preset k2_small] [--contexts 128,512,1024] [--markdown]
+Run: python benchmarks/decode.py [--preset k2_small] [--contexts 128,512,1024]
+     [--mtp_workdir workdirs/k2_nano_mtp] [--markdown]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -24,17 +34,23 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import k2jax.hf
+from k2jax import data as data_lib
 from k2jax import presets
 from k2jax.config import ModelConfig
-from k2jax.model import Transformer, abstract_variables, init_variables
+from k2jax.decode import generate
+from k2jax.model import Transformer, abstract_variables, init_variables, mtp
 from k2jax.model.transformer import init_cache
 from k2jax.perf import time_fn
+from k2jax.train.workdir import load_latest
+
+SPEC_PROMPT_TOKENS = 64
 
 # ~1 GB of float32 parameters (embeddings, 2 dense + 2 MoE layers of 64 experts).
 RSS_CONFIG = ModelConfig(
@@ -125,6 +141,79 @@ def bench_load_rss() -> dict:
   return r
 
 
+def bench_speculative(workdir: str, prompts: int, new_tokens: int, rounds: int,
+                      dtypes: list[str]) -> list[dict]:
+  """Plain vs MTP-speculative greedy decoding of a trained run, per compute dtype (see 4.)."""
+  cfg, variables, tok, config = load_latest(workdir)
+  rows_it = data_lib.make_iterator(config.data, tok, "validation", prompts, SPEC_PROMPT_TOKENS,
+                                   config.seed)
+  batch = [row[:SPEC_PROMPT_TOKENS].tolist() for row in next(rows_it)["tokens"]]
+  rows_it.close()
+  out = []
+  for dtype in dtypes:
+    run = functools.partial(generate, cfg.replace(dtype=dtype), variables,
+                            max_new_tokens=new_tokens, valid_vocab=tok.vocab_size)
+    run([batch[0]]), run([batch[0]], speculative="mtp")  # compile both.
+    plain_s, spec_s = [], []
+    for _ in range(rounds):
+      plain_s.append(0.0)
+      spec_s.append(0.0)
+      plain, spec = [], []
+      for prompt in batch:
+        t0 = time.perf_counter()
+        plain.append(run([prompt]))
+        plain_s[-1] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        spec.append(run([prompt], speculative="mtp"))
+        spec_s[-1] += time.perf_counter() - t0
+    made = sum(len(g.tokens[0]) for g in plain)
+    drafted, accepted = (sum(getattr(g, k)[0] for g in spec) for k in ("drafted", "accepted"))
+    p, sp = statistics.median(plain_s), statistics.median(spec_s)
+    costs = step_costs(cfg.replace(dtype=dtype), variables, rounds)
+    out.append({"dtype": dtype, "plain_tok_s": made / p, "spec_tok_s": made / sp, **costs,
+                "speedup": p / sp, "acceptance": accepted / drafted,
+                "tokens_per_step": (made - len(batch)) / drafted,
+                "identical": all(a.tokens == b.tokens for a, b in zip(plain, spec)),
+                "prompts": len(batch), "new_tokens": new_tokens, "rounds": rounds,
+                "params": sum(x.size for x in jax.tree.leaves(variables["params"]))})
+  return out
+
+
+def step_costs(cfg: ModelConfig, variables: dict, rounds: int, steps: int = 128) -> dict:
+  """ms per step of the main model's cached forward over 1 and 2 tokens, and of the latter
+  followed by the MTP layer over the same 2 positions (loops of `steps`, at context 64)."""
+  model, length = Transformer(cfg), SPEC_PROMPT_TOKENS + steps + 2
+  cache, mtp_cache = init_cache(cfg, 1, length), mtp.init_cache(cfg, 1, length)
+
+  def loop(tokens: int, draft: bool):
+    @jax.jit
+    def run(variables, cache, mtp_cache):
+      def body(i, carry):
+        cache, mtp_cache, token_B2 = carry
+        positions_B2 = SPEC_PROMPT_TOKENS + i + jnp.arange(2)[None, :tokens]
+        (logits, _), mutated = model.apply(
+            {**variables, "cache": cache}, token_B2[:, :tokens], positions_B2, decode=True,
+            mutable=["cache", "intermediates"])
+        token_B2 = jnp.broadcast_to(jnp.argmax(logits[:, -1:], -1), (1, 2)).astype(jnp.int32)
+        if draft:
+          logits, mtp_cache = mtp.draft_logits(
+              cfg, variables, mtp_cache, mutated["intermediates"]["hidden_BTD"][0], token_B2,
+              positions_B2)
+          token_B2 = token_B2.at[:, 1].set(jnp.argmax(logits[:, 1], -1).astype(jnp.int32))
+        return mutated["cache"], mtp_cache, token_B2
+
+      return jax.lax.fori_loop(0, steps, body, (cache, mtp_cache, jnp.zeros((1, 2), jnp.int32)))
+
+    return run
+
+  loops = {"one_ms": loop(1, False), "two_ms": loop(2, False), "two_mtp_ms": loop(2, True)}
+  times = {k: [] for k in loops}
+  for _ in range(rounds):
+    for k, f in loops.items():
+      times[k].append(time_fn(f, variables, cache, mtp_cache, reps=1) / steps * 1e3)
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
 def markdown(cfg_name: str, cfg: ModelConfig, rows: list[dict], steps: int, rss: dict) -> str:
   mine, mine_kv = cache_bytes_per_token(cfg)
   k2, k2_kv = cache_bytes_per_token(presets.get("kimi_k2"))
@@ -158,6 +247,32 @@ def markdown(cfg_name: str, cfg: ModelConfig, rows: list[dict], steps: int, rss:
   return "\n".join(lines)
 
 
+def speculative_markdown(workdir: str, rows: list[dict]) -> str:
+  r0 = rows[0]
+  intro = (
+      f"`python benchmarks/decode.py --mtp_workdir {workdir} --markdown`: the run's latest "
+      f"checkpoint ({r0['params'] / 1e6:.2f}M parameters with its MTP layer), batch 1, "
+      f"{r0['prompts']} prompts (the first {SPEC_PROMPT_TOKENS} tokens of validation rows), "
+      f"each continued by {r0['new_tokens']} greedy tokens plainly (compressed MLA cache, one "
+      "token per step) and with `speculative=\"mtp\"` in turn; medians of the summed times "
+      f"over {r0['rounds']} rounds. Acceptance: drafts the main model accepted / drafts made.")
+  lines = ["### Self-speculative decoding with the MTP layer", "", textwrap.fill(intro, 100), "",
+           "| compute dtype | plain tokens/s | speculative tokens/s | speedup | acceptance | "
+           "tokens per step | identical |", "|---|---|---|---|---|---|---|"]
+  lines += [f"| {r['dtype']} | {r['plain_tok_s']:.0f} | {r['spec_tok_s']:.0f} | "
+            f"{r['speedup']:.2f}x | {r['acceptance']:.1%} | {r['tokens_per_step']:.2f} | "
+            f"{'yes' if r['identical'] else 'NO'} |" for r in rows]
+  costs = ("Per step (ms, batch 1, context 64): the main model's cached forward over one token "
+           "(plain), over two (verification), and the latter plus the MTP layer over the two "
+           "positions (a speculative step without its bookkeeping):")
+  lines += ["", textwrap.fill(costs, 100), "",
+            "| compute dtype | 1 token | 2 tokens | 2 tokens + MTP layer |", "|---|---|---|---|"]
+  ratio = lambda r, k: f"{r[k]:.3f} ({r[k] / r['one_ms']:.2f}x)"
+  lines += [f"| {r['dtype']} | {r['one_ms']:.3f} | {ratio(r, 'two_ms')} | "
+            f"{ratio(r, 'two_mtp_ms')} |" for r in rows]
+  return "\n".join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="k2_small")
@@ -165,15 +280,27 @@ def main():
   parser.add_argument("--steps", type=int, default=32)
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--markdown", action="store_true", help="print the RESULTS.md section")
+  parser.add_argument("--mtp_workdir", help="a run trained with MTP layers: speculative decoding")
+  parser.add_argument("--spec_prompts", type=int, default=8)
+  parser.add_argument("--spec_tokens", type=int, default=256)
+  parser.add_argument("--spec_rounds", type=int, default=3)
+  parser.add_argument("--spec_dtypes", default="float32,bfloat16")
+  parser.add_argument("--only_speculative", action="store_true")
   args = parser.parse_args()
   cfg = presets.get(args.preset)
   contexts = [int(c) for c in args.contexts.split(",")]
-  rss = bench_load_rss()
-  rows = bench_decode(cfg, contexts, args.steps, args.rounds)
-  if args.markdown:
-    print(markdown(args.preset, cfg, rows, args.steps, rss))
-  else:
-    print(json.dumps({"decode": rows, "load_rss": rss}, indent=2))
+  results, text = {}, []
+  if not args.only_speculative:
+    rss = bench_load_rss()
+    rows = bench_decode(cfg, contexts, args.steps, args.rounds)
+    results.update(decode=rows, load_rss=rss)
+    text.append(markdown(args.preset, cfg, rows, args.steps, rss))
+  if args.mtp_workdir:
+    spec = bench_speculative(args.mtp_workdir, args.spec_prompts, args.spec_tokens,
+                             args.spec_rounds, args.spec_dtypes.split(","))
+    results["speculative"] = spec
+    text.append(speculative_markdown(args.mtp_workdir, spec))
+  print("\n\n".join(text) if args.markdown else json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

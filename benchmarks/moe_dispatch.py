@@ -48,7 +48,7 @@ def default_dispatches() -> tuple[str, ...]:
   return tuple(d for d in DISPATCHES if d != "ragged" or jax.default_backend() != "cpu")
 
 
-def _inputs(T, D, E, K, F, skew, seed=0):
+def inputs(T, D, E, K, F, skew, seed=0):
   ks = jax.random.split(jax.random.key(seed), 9)
   x_TD = jax.random.normal(ks[0], (T, D), jnp.float32)
   logits_TE = jax.random.normal(ks[1], (T, E)).at[:, 0].add(skew)
@@ -90,7 +90,7 @@ def run(dtype=jnp.bfloat16, rounds: int = 5, dispatches=None, tokens: int = TOKE
   dispatches = default_dispatches() if dispatches is None else dispatches
   shape = layer_shape()
   D, E, K, F = shape["D"], shape["E"], shape["K"], shape["F"]
-  x_TD, idx_TK, w_TK, experts, dense, dy_TD = _inputs(tokens, D, E, K, F, skew=0.0)
+  x_TD, idx_TK, w_TK, experts, dense, dy_TD = inputs(tokens, D, E, K, F, skew=0.0)
   steps = {name: (fn, (x_TD, *dense, dy_TD)) for name, fn in _dense_steps(dtype).items()}
   moe = {d: _moe_step(d, dtype, shape["block_size"], shape["capacity_factor"])
          for d in dispatches}
@@ -98,7 +98,7 @@ def run(dtype=jnp.bfloat16, rounds: int = 5, dispatches=None, tokens: int = TOKE
     steps[d] = (fn, (x_TD, w_TK, *experts, idx_TK, dy_TD))
   loads = {"balanced": jnp.bincount(idx_TK.reshape(-1), length=E)}
   if "sort" in moe:
-    x_TD, idx_TK, w_TK, experts, _, dy_TD = _inputs(tokens, D, E, K, F, skew=SKEW)
+    x_TD, idx_TK, w_TK, experts, _, dy_TD = inputs(tokens, D, E, K, F, skew=SKEW)
     steps["sort (skewed)"] = (moe["sort"], (x_TD, w_TK, *experts, idx_TK, dy_TD))
     loads["skewed"] = jnp.bincount(idx_TK.reshape(-1), length=E)
   times = {name: [] for name in steps}

@@ -4,10 +4,9 @@ On 8 simulated CPU devices, the k2_small train step (forward, backward, optimize
 bias) is compiled for each optimizer on two meshes: FSDP (fsdp=8) and expert parallelism
 (expert=8, the batch split over experts' devices too). Nothing runs; every collective of the
 partitioned HLO is counted with the trip counts of the loops around it, and converted to bytes
-received per device with the ring costs: all-gather and all-to-all move (n-1)/n of their result,
-reduce-scatter (n-1) times its result, all-reduce 2(n-1)/n of it, collective-permute all of it
-(n devices in the group). The optimizer update alone (`tx.update` + `apply_updates` on sharded
-grads, params and state) is counted too: what Distributed Muon adds.
+received per device with ring costs (`k2jax.hlo.collective_bytes`). The optimizer update alone
+(`tx.update` + `apply_updates` on sharded grads, params and state) is counted too: what
+Distributed Muon adds.
 Goal: MuonClip's train step moves at most 1.25x AdamW's (Moonlight's bound for Distributed Muon).
 
 Run: python benchmarks/sharded_muon.py [--preset k2_small] [--layers N] [--markdown]
@@ -20,95 +19,19 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
-import re  # noqa: E402
 import time  # noqa: E402
-from collections import defaultdict  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from k2jax import optim, presets, sharding  # noqa: E402
+from k2jax.hlo import collective_bytes  # noqa: E402
 from k2jax.model import partitioning  # noqa: E402
 from k2jax.train.state import init_state  # noqa: E402
 from k2jax.train.step import make_train_step  # noqa: E402
 
 LAYOUTS = {"FSDP (fsdp=8)": {"fsdp": 8}, "expert parallel (expert=8)": {"expert": 8}}
-KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1,
-                "f64": 8, "s64": 8, "u64": 8}
-_COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\) -> .* \{$")
-_OP = re.compile(r"= (.+?) (" + "|".join(KINDS) + r")(?:-start)?\(")
-_SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
-_WHILE = re.compile(r" while\(.*condition=%?([\w.\-]+), body=%?([\w.\-]+)")
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_CALLS = re.compile(r"(?:to_apply|calls|branch_computations)=\{?%?([\w.\-, %]+)\}?")
-
-
-def _group_size(line: str, num_devices: int) -> int:
-  m = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
-  if m:
-    return len(m.group(1).split(","))
-  m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)
-  if m:
-    return int(m.group(2))
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line)
-  if m:
-    sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
-    return int(np.prod([int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2))]))
-  return num_devices
-
-
-def _bytes(shape_text: str) -> int:
-  return sum(_DTYPE_BYTES[dt] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-             for dt, dims in _SHAPE.findall(shape_text))
-
-
-def _moved(kind: str, result_bytes: int, n: int) -> float:
-  if n <= 1:
-    return 0.0
-  return {"all-gather": (n - 1) / n, "all-to-all": (n - 1) / n, "reduce-scatter": n - 1,
-          "all-reduce": 2 * (n - 1) / n, "collective-permute": 1.0}[kind] * result_bytes
-
-
-def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
-  """Bytes received per device by each kind of collective of a partitioned HLO module."""
-  own: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-  calls: dict[str, list[tuple[str, int]]] = defaultdict(list)
-  comp, entry = None, None
-  for line in hlo.splitlines():
-    m = _COMP.match(line)
-    if m:
-      comp = m.group(1)
-      if line.startswith("ENTRY"):
-        entry = comp
-      continue
-    if comp is None or "=" not in line:
-      continue
-    op = _OP.search(line)
-    if op and f"{op.group(2)}-done" not in line:
-      own[comp][op.group(2)] += _moved(op.group(2), _bytes(op.group(1)),
-                                       _group_size(line, num_devices))
-    w = _WHILE.search(line)
-    if w:
-      trip = _TRIP.search(line)
-      n = int(trip.group(1)) if trip else 1
-      calls[comp] += [(w.group(1), n + 1), (w.group(2), n)]
-      continue
-    for c in _CALLS.finditer(line):
-      calls[comp] += [(name.strip().lstrip("%"), 1) for name in c.group(1).split(",")]
-
-  def total(name: str, seen=()) -> dict[str, float]:
-    out = defaultdict(float, own.get(name, {}))
-    for callee, times in calls.get(name, []):
-      if callee in seen:
-        continue
-      for k, v in total(callee, seen + (name,)).items():
-        out[k] += times * v
-    return out
-
-  return dict(total(entry))
 
 
 def _compile(fn, args, in_shardings, out_shardings, mesh) -> str:

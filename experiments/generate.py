@@ -2,6 +2,7 @@
 
   python experiments/generate.py --workdir=workdirs/k2_nano --prompt="def "
   python experiments/generate.py --hf_dir=exports/k2_nano --prompt="def " --temperature=0.8
+  python experiments/generate.py --workdir=workdirs/k2_nano_mtp --prompt="def " --speculative=mtp
 
 The tokenizer is the run's (a workdir) or the HF directory's (`k2jax.hf.load_tokenizer`);
 `--prompt_ids=1,2,3` bypasses it. Generation stops at the tokenizer's
@@ -30,6 +31,8 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STOP = flags.DEFINE_bool("stop", True, "Stop at the end-of-text token.")
+_SPECULATIVE = flags.DEFINE_enum("speculative", None, ["mtp"],
+                                 "Draft with the model's MTP layer (greedy only).")
 
 
 def run() -> str:
@@ -53,7 +56,7 @@ def run() -> str:
          else encode(_PROMPT.value))
   new = generate(cfg, variables, [ids], _NUM.value, temperature=_TEMPERATURE.value,
                  top_p=_TOP_P.value, seed=_SEED.value, stop_tokens=stop if _STOP.value else (),
-                 valid_vocab=vocab).tokens[0]
+                 valid_vocab=vocab, speculative=_SPECULATIVE.value).tokens[0]
   if decode is None:
     return " ".join(map(str, ids + new))
   return decode(ids) + decode(new)

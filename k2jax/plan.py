@@ -13,9 +13,10 @@
   remat "full" a layer keeps only its input and one layer at a time is rebuilt; its cotangents
   double that layer's share.
 - transient: one layer's weights gathered over the FSDP axes (and their float32 gradient before
-  the reduce-scatter), or Newton-Schulz's work space (four float32 copies of the largest matrix
-  batch in its gathered layout), whichever is larger.
-Cross-checked against XLA's compiled memory analysis in tests/test_plan.py.
+  the reduce-scatter), or Newton-Schulz's work space (four float32 copies of the largest chunk
+  of whole matrices a device orthogonalises at once), whichever is larger.
+Cross-checked against XLA's compiled memory analysis in tests/test_plan.py (XLA:CPU) and
+tests/test_aot.py (the TPU compiler; k2jax.train.aot prints both for any config).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import numpy as np
 from k2jax import sharding
 from k2jax.config import ModelConfig
 from k2jax.model import abstract_variables, expert_parallel, partitioning
+from k2jax.optim.muon import newton_schulz_layout
+from k2jax.optim.newton_schulz import newton_schulz_flops
 from k2jax.optim.roles import param_roles
 
 GB = 1e9
@@ -82,7 +85,8 @@ def memory_plan(cfg: ModelConfig, mesh_shape: Mapping[str, int], micro_batch: in
   spec_leaves = jax.tree.leaves(pspecs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   local = [x.size // _leaf_ways(s, mesh) for x, s in zip(leaves, spec_leaves)]
   pbytes = np.dtype(cfg.param_dtype).itemsize
-  router_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(variables["router"]))
+  router = variables.get("router", {})  # none without MoE layers
+  router_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(router))
   param_bytes = sum(local) * pbytes + router_bytes
   copies = {"muon": 2 if optimizer == "adamw" else 1, "adamw": 2, "frozen": 0}
   opt_bytes = sum(n * copies[r] for n, r in zip(local, roles)) * pbytes
@@ -99,13 +103,25 @@ def memory_plan(cfg: ModelConfig, mesh_shape: Mapping[str, int], micro_batch: in
 
 
 def _newton_schulz_bytes(shape, spec, mesh) -> int:
-  """Four float32 copies of what one Newton-Schulz call holds per device: one layer of a stacked
-  leaf in its Newton-Schulz layout (k2jax.optim.muon.orthogonalize_sharded)."""
-  spec = tuple(spec) + (None,) * (len(shape) - len(spec))
-  if len(shape) >= 3:
-    shape, spec = shape[1:], spec[1:]
-  ns_spec = sharding.newton_schulz_spec(jax.sharding.PartitionSpec(*spec), shape, mesh)
-  return 4 * F32 * math.prod(shape) // _leaf_ways(ns_spec, mesh)
+  """Four float32 copies of one chunk of Newton-Schulz's matrices on a device
+  (k2jax.optim.muon.orthogonalize_sharded)."""
+  return 4 * F32 * newton_schulz_layout(spec, shape, mesh).per_chunk * shape[-2] * shape[-1]
+
+
+def newton_schulz_flops_per_device(cfg: ModelConfig, mesh_shape: Mapping[str, int]) -> float:
+  """Newton-Schulz FLOPs one device runs per Muon update on `mesh_shape`: its share of the
+  matrices (`NewtonSchulzLayout.per_device`, zero padding included)."""
+  mesh = {a: int(mesh_shape.get(a, 1)) for a in sharding.MESH_AXES}
+  params = abstract_variables(cfg)["params"]
+  specs = partitioning.variable_specs(cfg, mesh)["params"]
+  total = 0.0
+  for x, s, r in zip(jax.tree.leaves(params), jax.tree.leaves(
+      specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+                     jax.tree.leaves(param_roles(params))):
+    if r == "muon":
+      total += (newton_schulz_layout(s, x.shape, mesh).per_device
+                * newton_schulz_flops(x.shape[-2:]))
+  return total
 
 
 def _layer_gather_bytes(cfg, mesh, leaves, spec_leaves, pbytes) -> int:

@@ -152,31 +152,6 @@ def tree_shardings(abstract_tree, params, param_shardings, mesh: Mesh):
   return jax.tree_util.tree_map_with_path(pick, abstract_tree)
 
 
-def newton_schulz_spec(spec: P, shape: Sequence[int], mesh_shape: Mapping[str, int]) -> P:
-  """Where Muon orthogonalises a leaf [..., A, B] of `spec`: each matrix whole on its devices.
-
-  The mesh axes that split the matrix dims move to the leading (batch) dims where those divide
-  evenly (an all-to-all; experts split over `expert` stay local), else the matrix is gathered
-  (Moonlight's Distributed Muon). The caller cuts the result back to `spec`.
-  """
-  ndim = len(shape)
-  entries = list(spec) + [None] * (ndim - len(spec))
-  as_list = lambda e: [] if e is None else [e] if isinstance(e, str) else list(e)
-  lead = [as_list(e) for e in entries[:ndim - 2]]
-  for a in (a for e in entries[ndim - 2:] for a in as_list(e)):
-    for dim, axes in enumerate(lead):
-      if shape[dim] % (math.prod(mesh_shape[b] for b in axes) * mesh_shape[a]) == 0:
-        axes.append(a)
-        break
-  return P(*[None if not a else a[0] if len(a) == 1 else tuple(a) for a in lead], None, None)
-
-
-def newton_schulz_sharding(sharding: NamedSharding, shape: Sequence[int]) -> NamedSharding:
-  """`newton_schulz_spec` as a NamedSharding on the same mesh."""
-  return NamedSharding(sharding.mesh,
-                       newton_schulz_spec(sharding.spec, shape, sharding.mesh.shape))
-
-
 def context_mesh():
   """The k2jax mesh set by `jax.set_mesh` (or `use_abstract_mesh`), or None: none is set, it
   lacks k2jax's axes, or we are inside a shard_map (an axis is Manual)."""

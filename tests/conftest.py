@@ -1,12 +1,24 @@
-"""Shared test setup: 8 simulated CPU devices (set before jax is imported), float32 defaults."""
+"""Shared test setup, set before jax is imported: 8 simulated CPU devices, the CPU backend, and
+one persistent compilation cache for the whole run (its workers and the subprocesses they start
+inherit the directory, so a program compiled once loads everywhere after)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# With libtpu installed (k2jax.aot's tests) jax would look for a TPU first; tests run on CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the first process of the run owns it.
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="k2jax-test-jax-cache-")
+  os.environ["K2JAX_CACHE_DIR"] = os.environ["JAX_COMPILATION_CACHE_DIR"]  # the matmul peak.
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """The decoder (compressed MLA cache): per-step parity with the full forward, transformers' greedy
 `generate` token for token (uneven prompts batched, stop tokens), log-probs, top-k and nucleus
-sampling, streaming, and the train loop's closing sample on the same path."""
+sampling, streaming, the train loop's closing sample on the same path, and self-speculative
+decoding with the MTP layer against plain greedy decoding."""
 
 import functools
 
@@ -11,10 +12,10 @@ import pytest
 import torch
 from test_hf_parity import CASES, _hf_model
 
-from k2jax import decode
+from k2jax import decode, presets
 from k2jax.decode import generate
 from k2jax.hf import from_torch_state_dict
-from k2jax.model import Transformer
+from k2jax.model import Transformer, init_variables
 from k2jax.model.transformer import init_cache
 
 
@@ -134,15 +135,20 @@ def test_log_probs_stops_and_streaming():
   got = generate(cfg, variables, prompts, 12, temperature=1.3, seed=1, stop_tokens=[4, 11, 30],
                  valid_vocab=60, callback=lambda t, live: seen.append((t.copy(), live.copy())))
   assert len(seen) == max(len(t) for t in got.tokens)
+  rows = [p + t for p, t in zip(prompts, got.tokens)]
+  padded = np.zeros((len(rows), max(map(len, rows))), np.int32)  # right padding: causal-safe.
+  for row, r in zip(padded, rows):
+    row[:len(r)] = r
+  full, _ = jax.jit(Transformer(cfg).apply)(variables, jnp.asarray(padded))
+  logp_all = np.asarray(jax.nn.log_softmax(full[..., :60]))
   for b, (toks, logps) in enumerate(zip(got.tokens, got.logprobs)):
     assert len(toks) == len(logps) and max(toks) < 60
     assert got.finished[b] == (toks[-1] in (4, 11, 30))
     assert not set(toks[:-1]) & {4, 11, 30}
     assert [int(s[0][b]) for s in seen[:len(toks)]] == toks  # streamed as produced
     assert all(s[1][b] for s in seen[:len(toks)]) and not any(s[1][b] for s in seen[len(toks):])
-    full, _ = Transformer(cfg).apply(variables, jnp.asarray([prompts[b] + toks]))
-    logp = jax.nn.log_softmax(full[0, len(prompts[b]) - 1:-1, :60])
-    want = np.take_along_axis(np.asarray(logp), np.asarray(toks)[:, None], -1)[:, 0]
+    start = len(prompts[b]) - 1
+    want = logp_all[b, start + np.arange(len(toks)), toks]
     np.testing.assert_allclose(logps, want, atol=2e-5)
   assert sum(got.finished) >= 1 and len({len(t) for t in got.tokens}) > 1
 
@@ -178,3 +184,53 @@ def test_bfloat16_rows_batched_equal_rows_alone():
   prompts = [[3, 9, 27, 4], [5, 1, 50]]
   batched = generate(cfg, variables, prompts, 6).tokens
   assert batched == [generate(cfg, variables, [p], 6).tokens[0] for p in prompts]
+
+
+@functools.cache
+def _mtp_model():
+  """A tiny random model with one MTP layer; a 16-token vocabulary, so that its drafts are
+  sometimes right and sometimes wrong."""
+  cfg = presets.get("k2_nano", vocab_size=16, hidden_size=64, num_hidden_layers=3,
+                    n_routed_experts=8, num_nextn_predict_layers=1, init_std=0.3)
+  return cfg, init_variables(cfg, 0)
+
+
+def test_speculative_decoding_equals_greedy_decoding():
+  """speculative="mtp" returns plain greedy decoding's tokens, log-probs and finished flags, and
+  streams the same tokens in the same order: uneven prompts batched together, stop ids, rows that
+  run to max_new_tokens; drafts both accepted and rejected."""
+  cfg, variables = _mtp_model()
+  rng = np.random.default_rng(4)
+  prompts = [rng.integers(0, 14, n).tolist() for n in (3, 11, 6, 1, 8)]
+  for stops, valid in (([5, 9], 16), ([], 14)):
+    streams = {}
+    out = {}
+    for spec in (None, "mtp"):
+      seen = streams[spec] = []
+      out[spec] = generate(cfg, variables, prompts, 40, stop_tokens=stops, valid_vocab=valid,
+                           speculative=spec,
+                           callback=lambda t, live, seen=seen: seen.append((t, live)))
+    plain, fast = out[None], out["mtp"]
+    assert fast.tokens == plain.tokens and fast.finished == plain.finished
+    for a, b in zip(fast.logprobs, plain.logprobs):
+      np.testing.assert_allclose(a, b, atol=1e-5)
+    for b, toks in enumerate(plain.tokens):  # each row's live stream is its tokens, in order.
+      for spec in (None, "mtp"):
+        assert [int(t[b]) for t, live in streams[spec] if live[b]] == toks
+    assert plain.drafted is None and len(fast.drafted) == len(prompts)
+    assert 0 < sum(fast.accepted) < sum(fast.drafted)
+    assert all(d <= len(t) for d, t in zip(fast.drafted, fast.tokens))
+    assert max(max(t) for t in plain.tokens) < valid
+    assert bool(stops) == any(plain.finished) and not all(plain.finished)
+
+
+def test_speculative_decoding_refusals():
+  cfg, variables = _mtp_model()
+  for kwargs, match in [
+      (dict(temperature=0.7), r"greedily only \(temperature 0\), got temperature 0.7"),
+      (dict(speculative="medusa"), r"speculative must be None or one of \('mtp',\)")]:
+    with pytest.raises(ValueError, match=match):
+      generate(cfg, variables, [[1, 2]], 4, **{"speculative": "mtp", **kwargs})
+  plain = CASES["qlora_yarn"]
+  with pytest.raises(ValueError, match=r"needs MTP layers \(ModelConfig.num_nextn_predict_"):
+    generate(plain, _model("qlora_yarn")[1], [[1, 2]], 4, speculative="mtp")

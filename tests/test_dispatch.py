@@ -111,11 +111,12 @@ def test_auto_block_size_is_a_power_of_two_near_half_the_mean_load():
   assert auto_block_size(8 * 512 * 8, 64) == 256  # mean load 512 (benchmarks/moe_dispatch.py)
   assert auto_block_size(4 * 512 * 8, 64) == 128
   assert auto_block_size(1000, 64) == 8  # mean 15.6: clamped up
-  assert auto_block_size(10**7, 8) == 512  # clamped down
+  assert auto_block_size(10**7, 8) == 8192  # clamped down
+  assert auto_block_size(40960, 6) == 2048  # K2 on 512 chips, expert=64: 26 blocks, not 86
   for a, e in [(300, 4), (4096, 384), (77777, 13)]:
     b = auto_block_size(a, e)
-    assert b & (b - 1) == 0 and 8 <= b <= 512
-    assert b in (8, 512) or b <= a / (2 * e) < 2 * b
+    assert b & (b - 1) == 0 and 8 <= b <= 8192
+    assert b in (8, 8192) or b <= a / (2 * e) < 2 * b
 
 
 def test_capacity_drops_overflow_in_token_order():

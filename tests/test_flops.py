@@ -24,6 +24,14 @@ def test_hand_count_tiny():
   assert flops_per_token(cfg, 16) == 6 * 1232 + 3 * 3 * 2 * (6 + 3) * 16
 
 
+def test_mtp_layers_add_their_projections_block_and_head():
+  """Each MTP layer trains eh_proj [2D, D], one MoE block and the shared head once more."""
+  cfg = ModelConfig(**TINY, num_nextn_predict_layers=1)
+  mtp = 2 * 4 * 4 + (28 + 84 + 40 + 112 + 24) + (4 * 5 + 3 * 4 * 3 * (2 + 1)) + 4 * 10
+  assert activated_matmul_params(cfg) == 1232 + mtp == 1720
+  assert flops_per_token(cfg, 16) == 6 * 1720 + 3 * (3 + 1) * 2 * (6 + 3) * 16
+
+
 def test_plain_q_proj():
   cfg = ModelConfig(**{**TINY, "q_lora_rank": None})
   assert activated_matmul_params(cfg) == 1232 - 3 * (28 + 84) + 3 * 4 * 12

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import save_file as torch_save_file
-from test_hf_parity import CASES, _hf_model, _tokens
+from test_hf_parity import CASES, _hf_model, _hf_mtp, _tokens
 
 import k2jax.hf
 from k2jax.config import ModelConfig
@@ -129,12 +130,13 @@ def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
   return (w / full).to(torch.float8_e4m3fn), s
 
 
-def _write_fp8_checkpoint(path: pathlib.Path, cfg: ModelConfig, model) -> dict:
-  """The model's linear weights in FP8 (as the official K2 / DS-V3 ship) plus an MTP layer.
+def _write_release(path: pathlib.Path, cfg: ModelConfig, sd: dict, fp8: bool) -> dict:
+  """A directory laid out as the official K2 / DS-V3 releases: hub per-expert names, the hub's
+  config style and, with `fp8`, every linear weight in FP8 with its block scales.
 
-  Returns the dequantized state dict (computed in torch) that the loader must reproduce.
+  Returns the (dequantized, in torch) state dict that the loader must reproduce.
   """
-  sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+  sd = {k: torch.as_tensor(np.asarray(v)).clone().contiguous() for k, v in sd.items()}
   hub = {}
   for k, v in sd.items():  # hub names: one tensor per expert, as the official checkpoints.
     stem = k[: k.rfind(".") + 1]
@@ -150,46 +152,78 @@ def _write_fp8_checkpoint(path: pathlib.Path, cfg: ModelConfig, model) -> dict:
       hub[k] = v
   out, dequantized = {}, {}
   for k, v in hub.items():
-    quantized = v.ndim == 2 and "_proj" in k  # not embeddings, norms, router or lm_head.
-    if quantized:
+    if fp8 and v.ndim == 2 and "_proj" in k:  # not embeddings, norms, router or (shared) heads.
       q, s = _quantize(v)
       out[k], out[k + "_scale_inv"] = q, s
       full = s.repeat_interleave(FP8_BLOCK[0], 0)[:v.shape[0]]
       dequantized[k] = q.float() * full.repeat_interleave(FP8_BLOCK[1], 1)[:, :v.shape[1]]
     else:
       out[k] = dequantized[k] = v
-  mtp = f"model.layers.{cfg.num_hidden_layers}"
-  out[f"{mtp}.eh_proj.weight"], out[f"{mtp}.eh_proj.weight_scale_inv"] = _quantize(
-      torch.randn(cfg.hidden_size, 2 * cfg.hidden_size))
-  out[f"{mtp}.enorm.weight"] = torch.ones(cfg.hidden_size)
   torch_save_file(out, path / "model.safetensors", metadata={"format": "pt"})
   hf = {**transformers.DeepseekV3Config(**k2jax.hf.config_to_hf(cfg)).to_dict(),
-        "num_nextn_predict_layers": 1, "quantization_config": {
-            "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-            "weight_block_size": list(FP8_BLOCK)}, "dtype": "bfloat16"}
+        "dtype": "bfloat16"}
+  if fp8:
+    hf["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                 "quant_method": "fp8", "weight_block_size": list(FP8_BLOCK)}
   (path / "config.json").write_text(json.dumps(hf))
   _to_legacy_config(path, "deepseek_v3")
   return dequantized
 
 
+def _with_mtp(name: str):
+  """(cfg with two MTP layers, HF model, its state dict with DeepSeek-V3's MTP tensors)."""
+  cfg = CASES[name].replace(num_nextn_predict_layers=2)
+  model = _hf_model(cfg)
+  return cfg, model, {**model.state_dict(), **_hf_mtp(model)[1]}
+
+
 def test_fp8_block_quantized_weights_are_dequantized(tmp_path, caplog):
-  cfg = CASES["qlora_yarn"]
-  model = _model_and_logits("qlora_yarn")[0]
-  dequantized = _write_fp8_checkpoint(tmp_path, cfg, model)
-  with caplog.at_level(logging.WARNING):
-    got_cfg, got = k2jax.hf.load(tmp_path)
-  assert "model.layers.2" in caplog.text and "multi-token-prediction" in caplog.text
-  want_cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16", num_nextn_predict_layers=1)
+  """An FP8 release with MTP layers (eh_proj and the MTP blocks quantized too) loads to the
+  dequantized weights; with num_nextn_predict_layers=0 its MTP layers are skipped, warned once."""
+  cfg, model, sd = _with_mtp("qlora_yarn")
+  dequantized = _write_release(tmp_path, cfg, sd, fp8=True)
+  with safe_open(tmp_path / "model.safetensors", "pt") as f:
+    assert "model.layers.3.eh_proj.weight_scale_inv" in f.keys()
+  got_cfg, got = k2jax.hf.load(tmp_path)
+  want_cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
   assert got_cfg == want_cfg
   want = from_torch_state_dict(want_cfg, dequantized)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert a.dtype == b.dtype
     np.testing.assert_array_equal(a, b)
   # The quantization was real: the weights moved, but only by FP8 rounding.
-  exact = from_torch_state_dict(want_cfg, model.state_dict())
-  q_b = ("params", "dense_layers", "attn", "q_b", "kernel")
-  a, b = (np.asarray(functools.reduce(dict.get, q_b, v), np.float32) for v in (got, exact))
-  assert 0 < np.max(np.abs(a - b)) / np.max(np.abs(b)) < 0.1
+  exact = from_torch_state_dict(want_cfg, sd)
+  for path in (("dense_layers", "attn", "q_b", "kernel"), ("mtp_layers", "eh_proj", "kernel")):
+    a, b = (np.asarray(functools.reduce(dict.get, ("params",) + path, v), np.float32)
+            for v in (got, exact))
+    assert 0 < np.max(np.abs(a - b)) / np.max(np.abs(b)) < 0.1
+  with caplog.at_level(logging.WARNING):
+    plain_cfg, plain = k2jax.hf.load(tmp_path, num_nextn_predict_layers=0)
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 1 and "model.layers.2, model.layers.3" in warnings[0]
+  assert plain_cfg == want_cfg.replace(num_nextn_predict_layers=0)
+  assert "mtp_layers" not in plain["params"] and "mtp_layers" not in plain["router"]
+  np.testing.assert_array_equal(plain["params"]["lm_head"]["kernel"],
+                                got["params"]["lm_head"]["kernel"])
+
+
+def test_deepseek_v3_shaped_checkpoint_with_mtp_round_trips(tmp_path):
+  """A tiny DeepSeek-V3-shaped release (hub names and config style, group-limited routing, MTP
+  layers with their embedding and head copies) loads and saves back bit for bit."""
+  cfg, _, sd = _with_mtp("qlora_groups_yarn_cos")
+  release = _write_release(tmp_path, cfg, sd, fp8=False)
+  got_cfg, variables = k2jax.hf.load(tmp_path, dtype="float32")
+  assert got_cfg == cfg
+  k2jax.hf.save(tmp_path / "out", got_cfg, variables, hub_names=True, max_shard_size="40KB")
+  files = sorted((tmp_path / "out").glob("*.safetensors"))
+  assert len(files) > 1
+  back = {k: v for f in files for k, v in load_file(f).items()}
+  assert sorted(back) == sorted(release)
+  for k, v in release.items():
+    np.testing.assert_array_equal(back[k], v.numpy(), err_msg=k)
+  assert json.loads((tmp_path / "out" / "config.json").read_text())[
+      "num_nextn_predict_layers"] == 2
 
 
 def _write(path: pathlib.Path, tensors: dict, config: dict) -> pathlib.Path:

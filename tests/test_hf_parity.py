@@ -5,12 +5,15 @@ attention is far from uniform) and a random e_score_correction_bias large enough
 experts are chosen; each case also asserts that the feature it covers really acts.
 """
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from transformers.modeling_layers import MtpModel
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_ds
 
 from k2jax.config import ModelConfig
@@ -47,18 +50,7 @@ def _hf_model(cfg: ModelConfig, rope_interleave: bool = True, seed: int = 0):
   hf_cfg = transformers.DeepseekV3Config(**d, attn_implementation="eager",
                                          experts_implementation="eager")
   model = transformers.DeepseekV3ForCausalLM(hf_cfg).eval()
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=g)
-      if p.ndim == 1:  # RMSNorm gains.
-        p.copy_(1.0 + 0.3 * noise)
-      else:  # std gain / sqrt(fan_in); queries and keys 2.5x: attention logits of std ~6.
-        gain = 2.5 if ("self_attn.q_" in name or "kv_b_proj" in name) else 1.0
-        p.copy_(noise * gain / p.shape[-1] ** 0.5)
-    for name, b in model.named_buffers():
-      if name.endswith("e_score_correction_bias"):
-        b.copy_(0.1 * torch.randn(b.shape, generator=g))
+  _randomize(model, seed)
   return model
 
 
@@ -218,14 +210,124 @@ def test_torch_bfloat16_tensors():
   _assert_same_tree(got, expect)
 
 
-def test_mtp_layers_are_skipped():
-  cfg = CASES["qlora_yarn"]
-  sd = _numpy_sd(_hf_model(cfg))
-  mtp = {**sd, f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight": np.zeros((32, 64))}
-  _assert_same_tree(from_torch_state_dict(cfg.replace(num_nextn_predict_layers=1), mtp),
-                    from_torch_state_dict(cfg, sd))
-  with pytest.raises(ValueError, match=r"model\.layers\.2\.eh_proj\.weight"):
-    from_torch_state_dict(cfg, mtp)
+def _randomize(model, seed: int) -> None:
+  """Weights well above the default init (peaked attention) and a random routing bias."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=g)
+      if p.ndim == 1:  # RMSNorm gains.
+        p.copy_(1.0 + 0.3 * noise)
+      else:  # std gain / sqrt(fan_in); queries and keys 2.5x: attention logits of std ~6.
+        gain = 2.5 if ("self_attn.q_" in name or "kv_b_proj" in name) else 1.0
+        p.copy_(noise * gain / p.shape[-1] ** 0.5)
+    for name, b in model.named_buffers():
+      if name.endswith("e_score_correction_bias"):
+        b.copy_(0.1 * torch.randn(b.shape, generator=g))
+
+
+def _hf_mtp(model):
+  """transformers' own MTP module for `model` (as many layers as its config has), randomised, and
+  its tensors under DeepSeek-V3's checkpoint names `model.layers.{L + k}.*` (with the copies of
+  the embedding and head that DeepSeek's checkpoints carry)."""
+  n_main, n_mtp = model.config.num_hidden_layers, model.config.num_nextn_predict_layers
+  mtp = MtpModel(model, n_mtp).eval()
+  _randomize(mtp, seed=1)
+  renames = []
+  for k in range(n_mtp):
+    layer = f"model.layers.{n_main + k}."
+    renames += [(f"layers.{k}.mtp_block.", layer),
+                (f"layers.{k}.post_norm.", layer + "shared_head.norm."), (f"layers.{k}.", layer)]
+  sd = {}
+  for name, w in mtp.state_dict().items():
+    prefix, new = next(((p, n) for p, n in renames if name.startswith(p)), (None, None))
+    if prefix is not None:
+      sd[new + name[len(prefix):]] = w.numpy()
+  for k in range(n_mtp):
+    layer = f"model.layers.{n_main + k}."
+    sd[layer + "embed_tokens.weight"] = model.model.embed_tokens.weight.detach().numpy()
+    sd[layer + "shared_head.head.weight"] = model.lm_head.weight.detach().numpy()
+  return mtp, sd
+
+
+MTP_CASE = CASES["qlora_yarn"].replace(num_nextn_predict_layers=2)
+
+
+def test_mtp_logits_match_transformers_mtp_model():
+  """Two MTP layers read from DeepSeek-V3's checkpoint names compute what transformers' MtpModel
+  computes with the true tokens ahead: depth k's logits of the token k + 1 ahead, from the
+  previous depth's normed output (depth 1: the main model's, its head's input) and the embedding
+  of the token k ahead. The main logits are those of the model without MTP layers."""
+  cfg = MTP_CASE
+  model = _hf_model(cfg)
+  mtp, mtp_sd = _hf_mtp(model)
+  tokens = _tokens(cfg)
+  T = tokens.shape[1] - 1
+  ref = []
+  with torch.no_grad():
+    hidden = model(torch.as_tensor(tokens[:, :-1]), output_hidden_states=True).hidden_states[-1]
+    for k in range(cfg.num_nextn_predict_layers):  # depth k + 1 reads the token k + 1 ahead.
+      ahead = np.pad(tokens[:, k + 1:], ((0, 0), (0, k)))
+      hidden = mtp.forward_layer(k, hidden, torch.arange(T)[None], None,
+                                 input_ids=torch.as_tensor(ahead))
+      ref.append(mtp._project_to_logits(hidden).numpy()[:, :T - k])
+  variables = from_torch_state_dict(cfg, {**_numpy_sd(model), **mtp_sd})
+  logits, aux = jax.jit(Transformer(cfg).apply)(variables, tokens[:, :-1],
+                                                next_tokens_BT=tokens[:, 1:])
+  main = CASES["qlora_yarn"]
+  np.testing.assert_array_equal(
+      logits, _ours(main, from_torch_state_dict(main, _numpy_sd(model)), tokens[:, :-1])[0])
+  for k, want in enumerate(ref):  # depth k + 1 has the tokens k + 1 ahead up to position T - k.
+    got = np.asarray(aux["mtp_logits"][k, :, :T - k])
+    assert float(np.max(np.abs(got - want)) / np.max(np.abs(want))) <= 1e-4, k  # f32 rounding
+  n = cfg.num_nextn_predict_layers
+  assert aux["max_logits"].shape[0] == cfg.num_hidden_layers + n
+  loads = np.asarray(aux["expert_load"][-n:]).sum(-1) / cfg.num_experts_per_tok
+  np.testing.assert_array_equal(loads, [tokens.shape[0] * (T - k) for k in range(n)])
+
+
+@pytest.mark.parametrize("hub_names", [False, True])
+def test_round_trip_with_mtp_layer(hub_names):
+  """DeepSeek-V3's MTP tensors (with their embedding and head copies) come back bit for bit."""
+  cfg = MTP_CASE
+  model = _hf_model(cfg)
+  sd = {**_numpy_sd(model), **_hf_mtp(model)[1]}
+  if hub_names:
+    sd = _hub_names(sd, cfg)
+  variables = from_torch_state_dict(cfg, sd)
+  assert variables["params"]["mtp_layers"]["eh_proj"]["kernel"].shape == (2, 64, 32)
+  back = to_torch_state_dict(cfg, variables, hub_names=hub_names)
+  assert sorted(back) == sorted(sd)
+  for k in sd:
+    np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
+
+
+def test_mtp_layers_skipped_or_required(caplog):
+  """MTP layers past the config's are skipped with one warning (all of them for a config without
+  MTP layers); an MTP layer the config has but the checkpoint lacks, or a copy that is not the
+  main tensor, is a one-line error naming the layer or tensor."""
+  cfg = MTP_CASE
+  model = _hf_model(cfg)
+  sd, mtp_sd = _numpy_sd(model), _hf_mtp(model)[1]
+  full = from_torch_state_dict(cfg, {**sd, **mtp_sd})
+  for n, skipped in ((0, "model.layers.2, model.layers.3"), (1, "model.layers.3")):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      got = from_torch_state_dict(cfg.replace(num_nextn_predict_layers=n), {**sd, **mtp_sd})
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f"layer(s) {skipped} (num_nextn_predict_layers={n})" in \
+        warnings[0], warnings
+    first = jax.tree.map(lambda x, n=n: x[:n], {c: full[c]["mtp_layers"] for c in full})
+    want = {c: {k: v for k, v in full[c].items() if k != "mtp_layers"} for c in full}
+    if n:
+      want = {c: {**want[c], "mtp_layers": first[c]} for c in full}
+    _assert_same_tree(got, want)
+  with pytest.raises(ValueError, match=r"no multi-token-prediction layer 'model\.layers\.2' "
+                                       r"\(num_nextn_predict_layers=2\)"):
+    from_torch_state_dict(cfg, sd)
+  copy = "model.layers.2.shared_head.head.weight"
+  with pytest.raises(ValueError, match=rf"'{copy}' differs from the main model's lm_head/kernel"):
+    from_torch_state_dict(cfg, {**sd, **mtp_sd, copy: mtp_sd[copy] + 1})
 
 
 def test_recomputed_rope_buffers_are_skipped():

@@ -9,7 +9,8 @@ import pathlib
 ROOT = pathlib.Path(__file__).parents[1] / "k2jax"
 # Lower layers are more basic; a module imports only from lower layers or its own package.
 LAYERS = (
-    ("k2jax.config", "k2jax.paths", "k2jax.sharding", "k2jax.perf", "k2jax.distributed"),
+    ("k2jax.config", "k2jax.paths", "k2jax.sharding", "k2jax.perf", "k2jax.distributed",
+     "k2jax.hlo"),
     ("k2jax.presets", "k2jax.flops"),
     ("k2jax.model", "k2jax.optim", "k2jax.data"),
     ("k2jax.hf", "k2jax.decode", "k2jax.chat", "k2jax.plan", "k2jax.aot"),

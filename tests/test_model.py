@@ -58,7 +58,7 @@ def test_transformer_max_logits_of_first_layer():
   cfg = presets.get("k2_nano", init_std=0.1)
   variables = init_variables(cfg, 0)
   tokens = jax.random.randint(jax.random.key(2), (2, 10), 0, cfg.vocab_size)
-  _, aux = Transformer(cfg).apply(variables, tokens)
+  _, aux = jax.jit(Transformer(cfg).apply)(variables, tokens)
   p = variables["params"]
   x = np.asarray(p["embed"]["embedding"], np.float64)[np.asarray(tokens)]
   x = rms(x, np.asarray(p["dense_layers"]["attn_norm"]["scale"][0], np.float64), cfg.rms_norm_eps)
@@ -73,7 +73,7 @@ def test_aux_shapes_and_expert_load_counts():
   cfg = presets.get("k2_nano")
   variables = init_variables(cfg, 0)
   tokens = jnp.zeros((3, 7), jnp.int32)
-  logits, aux = Transformer(cfg).apply(variables, tokens)
+  logits, aux = jax.jit(Transformer(cfg).apply)(variables, tokens)
   assert logits.shape == (3, 7, cfg.vocab_size) and logits.dtype == jnp.float32
   assert aux["expert_load"].shape == (cfg.num_moe_layers, cfg.n_routed_experts)
   np.testing.assert_array_equal(aux["expert_load"].sum(-1), 3 * 7 * cfg.num_experts_per_tok)
@@ -90,10 +90,10 @@ def test_scan_unroll_and_remat_compute_the_same_function():
   cfg = presets.get("k2_nano", num_hidden_layers=2)
   v = init_variables(cfg, 0)
   tokens = jax.random.randint(jax.random.key(3), (2, 9), 0, cfg.vocab_size)
-  ref_loss, ref_grads = jax.value_and_grad(loss_fn)(v["params"], v["router"], cfg, tokens)
+  value_and_grad = jax.jit(jax.value_and_grad(loss_fn), static_argnums=2)
+  ref_loss, ref_grads = value_and_grad(v["params"], v["router"], cfg, tokens)
   for changes in (dict(scan_layers=False), dict(remat="dots")):
-    loss, grads = jax.value_and_grad(loss_fn)(v["params"], v["router"], cfg.replace(**changes),
-                                              tokens)
+    loss, grads = value_and_grad(v["params"], v["router"], cfg.replace(**changes), tokens)
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
@@ -103,8 +103,8 @@ def test_bfloat16_compute_is_close_to_float32():
   cfg = presets.get("k2_nano")
   v = init_variables(cfg, 0)
   tokens = jax.random.randint(jax.random.key(4), (2, 16), 0, cfg.vocab_size)
-  ref, _ = Transformer(cfg).apply(v, tokens)
-  got, _ = Transformer(cfg.replace(dtype="bfloat16")).apply(v, tokens)
+  ref, _ = jax.jit(Transformer(cfg).apply)(v, tokens)
+  got, _ = jax.jit(Transformer(cfg.replace(dtype="bfloat16")).apply)(v, tokens)
   assert got.dtype == jnp.float32
   # Mean error: a rare bf16-induced flip of a routed expert moves single logits further.
   rel = float(jnp.mean(jnp.abs(got - ref)) / jnp.mean(jnp.abs(ref)))

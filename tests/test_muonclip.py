@@ -159,10 +159,20 @@ def test_params_straight_from_model_init_are_accepted():
   results = []
   for variables in (boxed, plain):
     grads, max_logits = jax.jit(jax.grad(loss, has_aux=True))(variables["params"], variables)
-    updates, state = tx.update(grads, tx.init(variables["params"]), variables["params"],
-                               max_logits=max_logits)
+    updates, state = jax.jit(tx.update)(grads, tx.init(variables["params"]),
+                                        variables["params"], max_logits=max_logits)
     results.append((optax.apply_updates(variables["params"], updates), state))
   (new_boxed, s_boxed), (new_plain, s_plain) = results
   assert isinstance(new_boxed["embed"]["embedding"], nn.LogicallyPartitioned)
   jax.tree.map(np.testing.assert_array_equal, nn.meta.unbox(new_boxed), new_plain)
   assert int(jnp.sum(ko.optimizer_metrics(s_boxed)["qk_clip/clipped_heads"])) > 0
+
+
+def test_update_traces_beyond_int32_weights():
+  """K2 has 1.02e12 Muon weights: the update-RMS metric must not count them in an int32."""
+  big = {"w": jax.ShapeDtypeStruct((65536, 32769), jnp.float32),
+         "final_norm": {"scale": jax.ShapeDtypeStruct((8,), jnp.float32)}}
+  tx = ko.muon(1e-2)
+  state = jax.eval_shape(tx.init, big)
+  _, state = jax.eval_shape(tx.update, big, state, big)
+  assert ko.optimizer_metrics(state)["update_rms/muon"].dtype == jnp.float32

@@ -1,5 +1,7 @@
 """The mesh, the logical-axis rules, the mismatch errors and the expert-parallel dispatch."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from k2jax import presets, sharding
+from k2jax import hlo, presets, sharding
 from k2jax.model import partitioning
 from k2jax.model.dispatch import routed_experts
 from k2jax.model.expert_parallel import expert_parallel_experts
@@ -85,18 +87,6 @@ def test_activation_specs_drop_axes_that_do_not_divide():
     sharding.logical_spec(("batch",), (2,), shape, "w")
 
 
-def test_newton_schulz_layout_moves_matrix_axes_to_batch_dims():
-  shape = {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}
-  # Experts [L, E, D, F]: fsdp leaves D and joins E (16 / (4 * 2) divides): no gather.
-  assert sharding.newton_schulz_spec(P(None, "expert", "fsdp", None), (3, 16, 8, 4),
-                                     shape) == P(None, ("expert", "fsdp"), None, None)
-  # [L, A, B] with L = 3: fsdp cannot move, the matrix is gathered.
-  assert sharding.newton_schulz_spec(P(None, "fsdp", None), (3, 8, 4), shape) == P(
-      None, None, None)
-  assert sharding.newton_schulz_spec(P(None, "fsdp", None), (4, 8, 4), shape) == P(
-      "fsdp", None, None)
-
-
 def test_tree_shardings_follow_parameter_paths():
   mesh = mesh_of((1, 2, 4, 1))
   params = {"a": jax.ShapeDtypeStruct((8, 4), jnp.float32),
@@ -172,21 +162,61 @@ def test_expert_parallel_capacity_drops_what_overflows_each_destination():
   assert 0 < float(dropped) < 1
 
 
-@pytest.mark.parametrize("shape, spec, gathers", [
-    ((3, 16, 8, 8), P(None, "expert", "fsdp", None), False),  # fsdp moves onto the experts
-    ((3, 3, 8, 8), P(None, None, "fsdp", "expert"), True),  # 3 splits no way: gathered
+@pytest.mark.parametrize("mesh_shape, shape, spec", [
+    ((1, 2, 4, 1), (3, 16, 8, 8), P(None, "expert", "fsdp", None)),  # experts: fsdp a2a only
+    ((1, 2, 4, 1), (3, 3, 8, 8), P(None, None, "fsdp", "expert")),  # both matrix dims split
+    ((2, 2, 2, 1), (5, 8, 12), P(None, "fsdp", None)),  # replicated over data and expert
+    ((8, 1, 1, 1), (7, 6, 10), P()),  # replicated everywhere: 7 matrices dealt to 8 devices
 ])
-def test_sharded_newton_schulz_matches_and_gathers_only_when_it_must(shape, spec, gathers):
-  from k2jax.optim.muon import orthogonalize_sharded
-  from k2jax.optim.newton_schulz import newton_schulz
+def test_sharded_newton_schulz_matches_and_does_each_matrix_once(mesh_shape, shape, spec):
+  from k2jax.optim.muon import newton_schulz_layout, orthogonalize_sharded
+  from k2jax.optim.newton_schulz import newton_schulz, newton_schulz_flops
 
-  mesh = mesh_of((1, 2, 4, 1))
+  mesh = mesh_of(mesh_shape)
   u = jax.random.normal(jax.random.key(0), shape)
   sh = NamedSharding(mesh, spec)
-  fn = jax.jit(lambda x: orthogonalize_sharded(x, sh, dtype=jnp.float32), in_shardings=sh,
-               out_shardings=sh)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    fn = jax.jit(lambda x, dt=dtype: orthogonalize_sharded(x, sh, dtype=dt), in_shardings=sh,
+                 out_shardings=sh)
+    with jax.set_mesh(mesh):
+      compiled = fn.lower(u).compile()
+      out = compiled(jax.device_put(u, sh))
+    want = newton_schulz(u, dtype=dtype)
+    if dtype == jnp.bfloat16:  # each matrix alone, as on one device: bit for bit.
+      np.testing.assert_array_equal(out, want)
+    else:
+      np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-6)
+  # No device repeats another's matrices: its share is ceil(matrices / devices).
+  lay = newton_schulz_layout(spec, shape, dict(mesh.shape))
+  n = math.prod(shape[:-2])
+  assert lay.per_device == -(-n // 8)
+  flops = hlo.matmul_flops(compiled.as_text())
+  assert flops == pytest.approx(lay.per_device * newton_schulz_flops(shape[-2:]), rel=1e-6)
+
+
+def test_one_decoding_row_under_expert_sharding_moves_activations_not_weights():
+  """One token cannot split over the batch axes: each device runs its own experts' share of it
+  and a psum adds them (not GSPMD's all-reduce of every token's gathered expert weights)."""
+  from k2jax.model import Transformer, init_variables
+  from k2jax.model.transformer import init_cache
+
+  cfg = presets.get("k2_nano", num_hidden_layers=3)
+  variables = init_variables(cfg, 0)
+  cache = init_cache(cfg, 1, 16)
+  tokens_BT, positions_BT = jnp.array([[7]]), jnp.array([[3]])
+
+  def logits(v, c, t, p):
+    return Transformer(cfg).apply({**v, "cache": c}, t, p, decode=True, mutable=["cache"])[0][0]
+
+  want = jax.jit(logits)(variables, cache, tokens_BT, positions_BT)
+  mesh = mesh_of((1, 2, 2, 2))
+  var_sh = partitioning.variable_shardings(cfg, mesh)
   with jax.set_mesh(mesh):
-    compiled = fn.lower(u).compile()
-    out = compiled(jax.device_put(u, sh))
-  np.testing.assert_allclose(out, newton_schulz(u, dtype=jnp.float32), rtol=2e-5, atol=2e-6)
-  assert ("all-gather" in compiled.as_text()) == gathers
+    compiled = jax.jit(logits).lower(jax.device_put(variables, var_sh), cache, tokens_BT,
+                                     positions_BT).compile()
+    got = compiled(jax.device_put(variables, var_sh), cache, tokens_BT, positions_BT)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # All the step's all-reduces (attention over tensor, the head, the experts' psums of [1, D]).
+  expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
+  moved = hlo.collective_bytes(compiled.as_text(), 8)["all-reduce"]
+  assert moved < expert_bytes / 5, moved  # 10 KB here; 109 KB by the weight all-reduce

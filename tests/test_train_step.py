@@ -32,23 +32,23 @@ def _bias(state):
   return np.asarray(bias_LE)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("rate, centered", [(0.0, False), (0.005, False), (0.005, True)])
+@pytest.mark.parametrize("rate, centered", [(0.0, False), (0.01, False), (0.01, True)])
 def test_bias_update_balances_a_skewed_router(rate, centered):
-  sched = make_schedule("constant", 1e-3, 100, 0)
-  tx = optim.muonclip(sched, model_config=CFG)
+  """The weights stay put (SGD at lr 0): only the bias rule can undo the skew."""
+  sched = make_schedule("constant", 0.0, 100, 0)
+  tx = optax.with_extra_args_support(optax.sgd(0.0))
   step = make_train_step(CFG, tx, sched, bias_update_rate=rate, bias_centered=centered)
   state = _state(tx, skew=0.1)  # larger than the spread of the initial sigmoid scores.
   mean0 = _bias(state).mean(-1)
   ratios = []
-  for i in range(30):
-    state, m = step(state, _batch(i, T=64))
+  for i in range(16):
+    state, m = step(state, _batch(i, T=32))
     ratios.append(float(m["expert_load_max_over_mean"]))
   assert ratios[0] > 3  # of at most E / k = 4: nearly every token picks experts 0 and 1.
   if rate:
-    assert np.mean(ratios[-5:]) < 0.5 * ratios[0], ratios
+    assert np.mean(ratios[-4:]) < 0.5 * ratios[0], ratios
   else:
-    assert np.mean(ratios[-5:]) > 0.9 * ratios[0], ratios
+    assert np.mean(ratios[-4:]) > 0.9 * ratios[0], ratios
   if centered:  # Moonlight's variant moves the biases but not their mean.
     np.testing.assert_allclose(_bias(state).mean(-1), mean0, atol=1e-6)
 
@@ -58,26 +58,6 @@ def test_micro_batches_interleave_rows():
   micro = _micro_batches({"tokens": tokens, "loss_mask": tokens * 2.0}, 2)
   np.testing.assert_array_equal(micro["tokens"][:, :, 0], [[0, 2, 4], [1, 3, 5]])
   np.testing.assert_array_equal(micro["loss_mask"][:, :, 0], [[0, 4, 8], [2, 6, 10]])
-
-
-@pytest.mark.slow
-def test_grad_accum_matches_one_big_batch():
-  sched = make_schedule("constant", 1e-3, 100, 0)
-  tx = optim.muonclip(sched, model_config=CFG, qk_clip_tau=0.07)  # some heads above tau.
-  batch = _batch(0)
-  out = {}
-  for accum in (1, 4):
-    step = make_train_step(CFG, tx, sched, grad_accum=accum, grad_clip=1.0,
-                           bias_update_rate=0.01)
-    out[accum] = step(_state(tx), batch)
-  (s1, m1), (s4, m4) = out[1], out[4]
-  for key in ("loss", "grad_norm", "max_logit"):
-    np.testing.assert_allclose(m4[key], m1[key], rtol=2e-5)
-  assert 0 < m1["clipped_heads"] < CFG.num_hidden_layers * CFG.num_attention_heads
-  assert m4["clipped_heads"] == m1["clipped_heads"]
-  assert float(m4["expert_load_max_over_mean"]) == float(m1["expert_load_max_over_mean"])
-  for a, b in zip(jax.tree.leaves((s1.params, s1.router)), jax.tree.leaves((s4.params, s4.router))):
-    np.testing.assert_allclose(a, b, atol=1e-4)  # bf16 Newton-Schulz amplifies rounding.
 
 
 def test_grad_clip_scales_the_gradient_to_the_bound():
@@ -117,25 +97,30 @@ def test_masked_loss_is_the_mean_over_the_weighted_targets():
   assert float(m["grad_norm"]) == 0.0
 
 
-def test_accumulation_weighs_masked_micro_batches_like_the_whole_batch():
+def test_grad_accum_with_masked_micro_batches_matches_one_big_batch():
   """Micro-batches with very different numbers of weighted targets: the accumulated step equals
-  one step on the whole batch (the per-term counts come from the whole batch)."""
-  sched = make_schedule("constant", 1e-2, 100, 0)
+  one step on the whole batch (the per-term counts come from the whole batch), with QK-Clip
+  firing on the max over micro-batches, the router bias moving by the summed load, and clipping."""
+  sched = make_schedule("constant", 1e-3, 100, 0)
   mask = np.ones((8, 17), np.float32)
   mask[0::2, :14] = 0.0  # rows of micro-batch 0 keep 3 targets each, micro-batch 1 all 16.
-  batch = {**_batch(5), "loss_mask": jnp.asarray(mask)}
+  batch = {**_batch(0), "loss_mask": jnp.asarray(mask)}
   weights = {"cross_entropy": 1.0, "balance": 1e-2}
-  out = []
+  tx = optim.muonclip(sched, model_config=CFG, qk_clip_tau=0.07)  # some heads above tau.
+  out = {}
   for accum in (1, 2):
-    tx = optim.muonclip(sched, model_config=CFG, ns_dtype=jnp.float32)
-    step = make_train_step(CFG, tx, sched, loss_weights=weights, grad_accum=accum)
-    out.append(step(_state(tx), batch))
-  (s1, m1), (s2, m2) = out
-  for key in ("loss", "cross_entropy", "balance", "grad_norm"):
-    assert float(m2[key]) == pytest.approx(float(m1[key]), rel=2e-5), key
+    step = make_train_step(CFG, tx, sched, loss_weights=weights, grad_accum=accum, grad_clip=1.0,
+                           bias_update_rate=0.01)
+    out[accum] = step(_state(tx), batch)
+  (s1, m1), (s2, m2) = out[1], out[2]
+  for key in ("loss", "cross_entropy", "balance", "grad_norm", "max_logit"):
+    np.testing.assert_allclose(m2[key], m1[key], rtol=2e-5, err_msg=key)
   assert float(m1["balance"]) > 0.5  # the term is live and summed over the MoE layers.
-  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+  assert 0 < m1["clipped_heads"] < CFG.num_hidden_layers * CFG.num_attention_heads
+  assert m2["clipped_heads"] == m1["clipped_heads"]
+  assert float(m2["expert_load_max_over_mean"]) == float(m1["expert_load_max_over_mean"])
+  for a, b in zip(jax.tree.leaves((s1.params, s1.router)), jax.tree.leaves((s2.params, s2.router))):
+    np.testing.assert_allclose(a, b, atol=1e-4)  # bf16 Newton-Schulz amplifies rounding.
 
 
 def test_unknown_loss_terms_and_bad_weights_are_refused():

@@ -24,7 +24,6 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from absl import logging
 from safetensors.numpy import save_file
 
 from k2jax.config import DTYPES, ModelConfig
@@ -40,7 +39,6 @@ _SCALE = "_scale_inv"
 _FLOATS = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
            "BF16": np.dtype(ml_dtypes.bfloat16)}
 _FP8 = {"F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn)}
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10,
           "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -56,12 +54,15 @@ class _Tensor(NamedTuple):
   nbytes: int
 
 
-def load(path: str | pathlib.Path, dtype=None) -> tuple[ModelConfig, dict]:
+def load(path: str | pathlib.Path, dtype=None,
+         num_nextn_predict_layers: int | None = None) -> tuple[ModelConfig, dict]:
   """(cfg, variables) from a local HF DeepseekV3 / Kimi K2 directory; variables as numpy arrays.
 
   `dtype` (float32 / bfloat16 / float16) sets the parameter and compute dtypes; by default the
-  config's `dtype` (or `torch_dtype`), else float32. Raises a one-line ValueError naming the file
-  or tensor at fault; nothing is returned half-loaded.
+  config's `dtype` (or `torch_dtype`), else float32. `num_nextn_predict_layers` overrides the
+  config's count of multi-token-prediction layers (0: the main model alone; the checkpoint's MTP
+  layers are skipped with a warning). Raises a one-line ValueError naming the file or tensor at
+  fault; nothing is returned half-loaded.
   """
   path = pathlib.Path(path)
   hf = _read_json(path / CONFIG)
@@ -73,18 +74,13 @@ def load(path: str | pathlib.Path, dtype=None) -> tuple[ModelConfig, dict]:
                      hf.get("dtype") or hf.get("torch_dtype") or "float32",
                      strict=dtype is not None)
   try:
-    cfg = config_from_hf(hf, dtype=name, param_dtype=name)
+    mtp = {} if num_nextn_predict_layers is None else {
+        "num_nextn_predict_layers": num_nextn_predict_layers}
+    cfg = config_from_hf(hf, dtype=name, param_dtype=name, **mtp)
   except ValueError as e:
     raise ValueError(f"{path / CONFIG}: {e}") from e
   block = tuple((hf.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
-  tensors = _checkpoint_tensors(path)
-  mtp = sorted({int(m.group(1)) for m in map(_LAYER.match, tensors)
-                if m and int(m.group(1)) >= cfg.num_hidden_layers})
-  if mtp and cfg.num_nextn_predict_layers:
-    logging.warning("k2jax.hf.load: skipping the multi-token-prediction layer(s) %s "
-                    "(k2jax's Transformer has no MTP module)",
-                    ", ".join(f"model.layers.{i}" for i in mtp))
-  state_dict = _lazy_state_dict(tensors, block)
+  state_dict = _lazy_state_dict(_checkpoint_tensors(path), block)
   variables = from_torch_state_dict(cfg, state_dict,
                                     rope_interleave=hf.get("rope_interleave", True))
   return cfg, variables

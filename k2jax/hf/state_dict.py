@@ -5,10 +5,15 @@ leading layers axis (docs/INTERFACES.md). Routed experts are read under either n
 transformers 5.x's fused `mlp.experts.gate_up_proj` [E, 2F, D] (gate rows first) and
 `mlp.experts.down_proj` [E, D, F], or the hub checkpoints' per-expert
 `mlp.experts.{e}.{gate,up,down}_proj.weight`.
-Multi-token-prediction layers (`model.layers.{L + k}`, k < num_nextn_predict_layers) are skipped,
-as transformers' DeepseekV3ForCausalLM does, and so are RoPE buffers that are recomputed from the
-config (`...rotary_emb.inv_freq` and its kin, which `model.named_buffers()` and older
-checkpoints carry).
+Multi-token-prediction layers are DeepSeek-V3's `model.layers.{L + k}` (L = num_hidden_layers,
+k < num_nextn_predict_layers): `enorm`, `hnorm`, `eh_proj`, a MoE decoder layer's `self_attn`,
+`mlp`, `input_layernorm` and `post_attention_layernorm`, `shared_head.norm`, and copies of the
+embedding (`embed_tokens`) and output head (`shared_head.head`), which k2jax shares with the main
+model: reading checks each copy equals the main tensor, writing writes the copies. Layers past the
+config's MTP layers are skipped with one warning (a config with num_nextn_predict_layers = 0 loads
+the main model alone); an MTP layer the config has but the state dict lacks is an error. RoPE
+buffers recomputed from the config (`...rotary_emb.inv_freq` and its kin, which
+`model.named_buffers()` and older checkpoints carry) are skipped.
 
 `rope_interleave=False` (HF's rotate-half RoPE, which pairs rotary dims (j, j + dr/2)) is mapped
 exactly rather than rejected: rotary row j goes to 2j and row j + dr/2 to 2j + 1, in every head of
@@ -18,6 +23,7 @@ same angles, so every q.k product has the same terms (only the summation order d
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -25,6 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import ml_dtypes
 import numpy as np
+from absl import logging
 
 from k2jax.config import ModelConfig
 from k2jax.model import abstract_variables
@@ -43,6 +50,7 @@ class _Entry(NamedTuple):
   targets: tuple[tuple[Path, tuple[int, ...]], ...]
   to_ours: Callable[[np.ndarray], tuple[np.ndarray, ...]]
   to_hf: Callable[..., np.ndarray]
+  tied: bool = False  # a copy of a tensor k2jax shares (the MTP layers' embedding and head).
 
 
 def from_torch_state_dict(cfg: ModelConfig, state_dict: Mapping[str, Any], *,
@@ -52,8 +60,19 @@ def from_torch_state_dict(cfg: ModelConfig, state_dict: Mapping[str, Any], *,
   `rope_interleave` is the HF config's flag (False: rotate-half weights, permuted on the way in).
   """
   n_main, n_mtp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+  layers = {int(m.group(1)) for m in map(_LAYER.match, state_dict) if m}
+  missing = [i for i in range(n_main, n_main + n_mtp) if i not in layers]
+  if missing:
+    raise ValueError(f"the checkpoint has no multi-token-prediction layer 'model.layers."
+                     f"{missing[0]}' (num_nextn_predict_layers={n_mtp}); load with "
+                     "num_nextn_predict_layers=0 to leave the MTP layers out")
+  skipped = sorted(i for i in layers if i >= n_main + n_mtp)
+  if skipped:
+    logging.warning("k2jax.hf: skipping the multi-token-prediction layer(s) %s "
+                    "(num_nextn_predict_layers=%d)",
+                    ", ".join(f"model.layers.{i}" for i in skipped), n_mtp)
   sd = {k: v for k, v in state_dict.items()
-        if not _is_mtp(k, n_main, n_mtp) and not _RECOMPUTED.search(k)}
+        if not _is_layer_past(k, n_main + n_mtp) and not _RECOMPUTED.search(k)}
   hub = any(_HUB_EXPERT.search(k) for k in sd)
   entries = _entries(cfg, hub_experts=hub, rope_interleave=rope_interleave)
   known = {e.name for e in entries}
@@ -72,7 +91,12 @@ def from_torch_state_dict(cfg: ModelConfig, state_dict: Mapping[str, Any], *,
     if w.shape != e.shape:
       raise ValueError(f"tensor {e.name!r} has shape {tuple(w.shape)}, expected {e.shape}")
     for (path, index), value in zip(e.targets, e.to_ours(w)):
-      leaves[path][index] = value
+      if not e.tied:
+        leaves[path][index] = value
+      elif not np.array_equal(leaves[path][index], np.asarray(value, leaves[path].dtype)):
+        raise ValueError(f"tensor {e.name!r} differs from the main model's "
+                         f"{'/'.join(path[1:])}: k2jax shares the embedding and output head "
+                         "between the main model and its MTP layers")
   return _nest(leaves)
 
 
@@ -100,9 +124,10 @@ def to_torch_state_dict(cfg: ModelConfig, variables: Mapping[str, Any], *,
   return out
 
 
-def _is_mtp(name: str, n_main: int, n_mtp: int) -> bool:
+def _is_layer_past(name: str, n: int) -> bool:
+  """Whether `name` belongs to a `model.layers.{i}` with i >= n."""
   m = _LAYER.match(name)
-  return m is not None and n_main <= int(m.group(1)) < n_main + n_mtp
+  return m is not None and int(m.group(1)) >= n
 
 
 def _to_numpy(x: Any, name: str) -> np.ndarray:
@@ -148,51 +173,71 @@ def _rope_rows(dr: int, rope_interleave: bool) -> np.ndarray:
 
 
 def _entries(cfg: ModelConfig, *, hub_experts: bool, rope_interleave: bool) -> list[_Entry]:
-  """Every HF tensor of `cfg`, in the order of DeepseekV3ForCausalLM.state_dict()."""
-  D, H, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
+  """Every HF tensor of `cfg`, in the order of DeepseekV3ForCausalLM.state_dict(), then the MTP
+  layers' (each tied copy after the tensor it copies)."""
+  D, V = cfg.hidden_size, cfg.vocab_size
+  embed = _copy("model.embed_tokens.weight", (V, D), ("params", "embed", "embedding"), ())
+  head = _linear("lm_head.weight", (V, D), ("params", "lm_head", "kernel"), ())
+  layer = functools.partial(_layer_entries, cfg, hub_experts=hub_experts,
+                            rope_interleave=rope_interleave)
+  entries = [embed]
+  for i in range(cfg.num_hidden_layers):
+    kind = "dense_layers" if i < cfg.first_k_dense_replace else "moe_layers"
+    j = i if kind == "dense_layers" else i - cfg.first_k_dense_replace
+    entries += layer(f"model.layers.{i}.", ("params", kind), ("router", kind), (j,),
+                     moe=kind == "moe_layers")
+  entries += [_copy("model.norm.weight", (D,), ("params", "final_norm", "scale"), ()), head]
+  for k in range(cfg.num_nextn_predict_layers):
+    hf, p = f"model.layers.{cfg.num_hidden_layers + k}.", ("params", "mtp_layers")
+    entries += [
+        embed._replace(name=hf + "embed_tokens.weight", tied=True),
+        _copy(hf + "enorm.weight", (D,), p + ("enorm", "scale"), (k,)),
+        _copy(hf + "hnorm.weight", (D,), p + ("hnorm", "scale"), (k,)),
+        _linear(hf + "eh_proj.weight", (D, 2 * D), p + ("eh_proj", "kernel"), (k,)),
+        *layer(hf, p + ("block",), ("router", "mtp_layers", "block"), (k,), moe=True),
+        _copy(hf + "shared_head.norm.weight", (D,), p + ("norm", "scale"), (k,)),
+        head._replace(name=hf + "shared_head.head.weight", tied=True)]
+  return entries
+
+
+def _layer_entries(cfg: ModelConfig, hf: str, p: Path, r: Path, j: tuple[int], *, moe: bool,
+                   hub_experts: bool, rope_interleave: bool) -> list[_Entry]:
+  """One decoder layer's tensors (HF prefix `hf` = 'model.layers.{i}.'): k2jax Block params under
+  `p`, its router bias under `r`, at index `j` of the stack."""
+  D, H = cfg.hidden_size, cfg.num_attention_heads
   dn, dr, dv, kv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-  E, F, S = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.n_shared_experts
   ql = cfg.q_lora_rank
   rope = _rope_rows(dr, rope_interleave)
   q_rows = np.arange(H * (dn + dr)).reshape(H, dn + dr)
   q_rows[:, dn:] = q_rows[:, dn:][:, rope]
   q_rows = q_rows.reshape(-1)
   kv_rows = np.concatenate([np.arange(kv), kv + rope])
-
-  entries = [_copy("model.embed_tokens.weight", (V, D), ("params", "embed", "embedding"), ())]
-  for i in range(cfg.num_hidden_layers):
-    dense = i < cfg.first_k_dense_replace
-    kind = "dense_layers" if dense else "moe_layers"
-    j = (i if dense else i - cfg.first_k_dense_replace,)
-    hf, p, a = f"model.layers.{i}.", ("params", kind), ("params", kind, "attn")
-    if ql is None:
-      entries.append(_linear(hf + "self_attn.q_proj.weight", (H * (dn + dr), D),
-                             a + ("q_proj", "kernel"), j, q_rows))
-    else:
-      entries += [
-          _linear(hf + "self_attn.q_a_proj.weight", (ql, D), a + ("q_a", "kernel"), j),
-          _copy(hf + "self_attn.q_a_layernorm.weight", (ql,), a + ("q_a_norm", "scale"), j),
-          _linear(hf + "self_attn.q_b_proj.weight", (H * (dn + dr), ql), a + ("q_b", "kernel"),
-                  j, q_rows)]
-    entries += [
-        _linear(hf + "self_attn.kv_a_proj_with_mqa.weight", (kv + dr, D), a + ("kv_a", "kernel"),
-                j, kv_rows),
-        _copy(hf + "self_attn.kv_a_layernorm.weight", (kv,), a + ("kv_a_norm", "scale"), j),
-        _linear(hf + "self_attn.kv_b_proj.weight", (H * (dn + dv), kv), a + ("kv_b", "kernel"), j),
-        _linear(hf + "self_attn.o_proj.weight", (D, H * dv), a + ("o", "kernel"), j)]
-    if dense:
-      I = cfg.intermediate_size
-      entries += [_linear(hf + f"mlp.{n}_proj.weight", (D, I) if n == "down" else (I, D),
-                          p + ("mlp", n, "kernel"), j) for n in ("gate", "up", "down")]
-    else:
-      entries += _moe_entries(hf + "mlp.", p + ("moe",), ("router", kind, "moe"), j, D, E, F, S,
-                              hub_experts)
-    entries += [
-        _copy(hf + "input_layernorm.weight", (D,), p + ("attn_norm", "scale"), j),
-        _copy(hf + "post_attention_layernorm.weight", (D,), p + ("ffn_norm", "scale"), j)]
-  entries += [_copy("model.norm.weight", (D,), ("params", "final_norm", "scale"), ()),
-              _linear("lm_head.weight", (V, D), ("params", "lm_head", "kernel"), ())]
-  return entries
+  a = p + ("attn",)
+  if ql is None:
+    entries = [_linear(hf + "self_attn.q_proj.weight", (H * (dn + dr), D),
+                       a + ("q_proj", "kernel"), j, q_rows)]
+  else:
+    entries = [
+        _linear(hf + "self_attn.q_a_proj.weight", (ql, D), a + ("q_a", "kernel"), j),
+        _copy(hf + "self_attn.q_a_layernorm.weight", (ql,), a + ("q_a_norm", "scale"), j),
+        _linear(hf + "self_attn.q_b_proj.weight", (H * (dn + dr), ql), a + ("q_b", "kernel"),
+                j, q_rows)]
+  entries += [
+      _linear(hf + "self_attn.kv_a_proj_with_mqa.weight", (kv + dr, D), a + ("kv_a", "kernel"),
+              j, kv_rows),
+      _copy(hf + "self_attn.kv_a_layernorm.weight", (kv,), a + ("kv_a_norm", "scale"), j),
+      _linear(hf + "self_attn.kv_b_proj.weight", (H * (dn + dv), kv), a + ("kv_b", "kernel"), j),
+      _linear(hf + "self_attn.o_proj.weight", (D, H * dv), a + ("o", "kernel"), j)]
+  if moe:
+    entries += _moe_entries(hf + "mlp.", p + ("moe",), r + ("moe",), j, D, cfg.n_routed_experts,
+                            cfg.moe_intermediate_size, cfg.n_shared_experts, hub_experts)
+  else:
+    I = cfg.intermediate_size
+    entries += [_linear(hf + f"mlp.{n}_proj.weight", (D, I) if n == "down" else (I, D),
+                        p + ("mlp", n, "kernel"), j) for n in ("gate", "up", "down")]
+  return entries + [
+      _copy(hf + "input_layernorm.weight", (D,), p + ("attn_norm", "scale"), j),
+      _copy(hf + "post_attention_layernorm.weight", (D,), p + ("ffn_norm", "scale"), j)]
 
 
 def _moe_entries(hf: str, m: Path, r: Path, j: tuple[int], D: int, E: int, F: int, S: int,

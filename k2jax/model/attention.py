@@ -62,6 +62,14 @@ def absorbed_attention(q_nope_BTHN, q_pe_BTHR, latent_BSC, rope_key_BSR, visible
   return matmul("bhtc,chv->bthv", out_BHTC, w_v_CHV, cfg.dtype), max_logits_H
 
 
+def mla_cache(cfg: ModelConfig, layers: int, batch: int, length: int) -> dict:
+  """The zeroed decode cache of `layers` stacked MLA layers for `length` positions: the normalised
+  latent [layers, B, length, kv_lora] and the rotated key [layers, B, length, dr], compute dtype."""
+  dtype = jnp.dtype(cfg.dtype)
+  return {"latent": jnp.zeros((layers, batch, length, cfg.kv_lora_rank), dtype),
+          "rope_key": jnp.zeros((layers, batch, length, cfg.qk_rope_head_dim), dtype)}
+
+
 class MLA(nn.Module):
   cfg: ModelConfig
   decode: bool = False  # attend over the "cache" collection, written at positions_BT.

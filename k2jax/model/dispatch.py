@@ -99,9 +99,14 @@ def buffer_rows(num_assignments: int, num_experts: int, dispatch: str, capacity_
 
 
 def auto_block_size(num_assignments: int, num_experts: int) -> int:
-  """The largest power of two not above half the mean expert load, within [8, 512]."""
+  """The largest power of two not above half the mean expert load, within [8, 8192].
+
+  About 3 blocks per expert, so about 3 copies of each expert's weights. (A cap of 512 rows
+  made it 86 copies of a device's 6 K2 experts under expert parallelism on 512 chips: 40 GiB of
+  a v5p chip's temporaries, benchmarks/RESULTS.md.)
+  """
   half = num_assignments // (2 * num_experts)
-  return min(512, max(8, 1 << max(0, half.bit_length() - 1)))
+  return min(8192, max(8, 1 << max(0, half.bit_length() - 1)))
 
 
 def _block_layout(s: _Sorted, block_size: int, num_blocks: int) -> _Layout:

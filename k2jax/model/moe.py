@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from k2jax import sharding
 from k2jax.config import ModelConfig
 from k2jax.model import expert_parallel
 from k2jax.model.dispatch import routed_experts
@@ -69,12 +70,48 @@ def update_router_bias(bias_LE: jnp.ndarray, load_LE: jnp.ndarray, rate: float,
 def gathered_experts(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, dtype) -> jnp.ndarray:
   """Each token through the gathered weights of its own K experts (float32 out).
 
-  Reads K experts per token rather than all E: the decoding path, where T*K <= E.
+  Reads K experts per token rather than all E: the decoding path, where T*K <= E. x is
+  broadcast over the K experts so that every matmul is batched over (token, expert) with the
+  gathered weights in their stored [in, out] layout (no transposed copy of them).
   """
-  h_TKF = (jax.nn.silu(matmul("td,tkdf->tkf", x_TD, wg_EDF[idx_TK], dtype))
-           * matmul("td,tkdf->tkf", x_TD, wu_EDF[idx_TK], dtype))
+  x_TKD = jnp.broadcast_to(x_TD[:, None], idx_TK.shape + x_TD.shape[-1:])
+  h_TKF = (jax.nn.silu(matmul("tkd,tkdf->tkf", x_TKD, wg_EDF[idx_TK], dtype))
+           * matmul("tkd,tkdf->tkf", x_TKD, wu_EDF[idx_TK], dtype))
   y_TKD = matmul("tkf,tkfd->tkd", h_TKF, wd_EFD[idx_TK], dtype)
   return jnp.einsum("tkd,tk->td", y_TKD, w_TK.astype(jnp.float32))
+
+
+def expert_sharded_gathered(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, *, mesh,
+                            dtype) -> jnp.ndarray:
+  """`gathered_experts` with the experts split over `mesh` and the few tokens not (one decoding
+  row): every device runs all the tokens' assignments to its own experts, and psums over the
+  expert and width axes add the parts. [T, D] activations move, not expert weights (GSPMD's
+  gather from the split weights all-reduced a copy of each token's experts: 76 GiB a step for
+  one K2 row on 32 v5p chips)."""
+  wi_spec = sharding.logical_spec(("expert", "embed", "moe_mlp"), wg_EDF.shape, mesh.shape,
+                                  "experts/gate")
+  wo_spec = sharding.logical_spec(("expert", "moe_mlp", "embed"), wd_EFD.shape, mesh.shape,
+                                  "experts/down")
+  axes = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)
+  expert_axes, embed_axes, width_axes = (axes(e) for e in wi_spec)
+
+  def body(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD):
+    if embed_axes:  # the FSDP-split model width, gathered as the expert-parallel path does.
+      wg_EDF, wu_EDF = (jax.lax.all_gather(w, embed_axes, axis=1, tiled=True)
+                        for w in (wg_EDF, wu_EDF))
+      wd_EFD = jax.lax.all_gather(wd_EFD, embed_axes, axis=2, tiled=True)
+    El = wg_EDF.shape[0]
+    first = jax.lax.axis_index(expert_axes) * El if expert_axes else 0
+    mine_TK = (idx_TK >= first) & (idx_TK < first + El)
+    y_TD = gathered_experts(x_TD, jnp.where(mine_TK, idx_TK - first, 0),
+                            jnp.where(mine_TK, w_TK, 0.0), wg_EDF, wu_EDF, wd_EFD, dtype)
+    return jax.lax.psum(y_TD, expert_axes + width_axes) if expert_axes + width_axes else y_TD
+
+  replicated = jax.sharding.PartitionSpec()
+  return jax.shard_map(body, mesh=mesh,
+                       in_specs=(replicated,) * 3 + (wi_spec, wi_spec, wo_spec),
+                       out_specs=replicated, check_vma=False)(x_TD, idx_TK, w_TK, wg_EDF,
+                                                              wu_EDF, wd_EFD)
 
 
 class Experts(nn.Module):
@@ -82,7 +119,8 @@ class Experts(nn.Module):
 
   Under a k2jax mesh (`jax.set_mesh`) the dispatch runs per device, expert-parallel
   (k2jax.model.expert_parallel); otherwise on the whole batch. When decoding with at most E
-  assignments, each token's experts are gathered instead (`gathered_experts`).
+  assignments and no expert parallelism, each token's experts are gathered instead
+  (`gathered_experts`).
   """
 
   cfg: ModelConfig
@@ -96,12 +134,19 @@ class Experts(nn.Module):
     wg_EDF = self.param("gate", normal_init(cfg, ("expert", "embed", "moe_mlp")), (E, D, F), pdt)
     wu_EDF = self.param("up", normal_init(cfg, ("expert", "embed", "moe_mlp")), (E, D, F), pdt)
     wd_EFD = self.param("down", normal_init(cfg, ("expert", "moe_mlp", "embed")), (E, F, D), pdt)
-    if self.decode and idx_TK.size <= E:
+    mesh = expert_parallel.active_mesh(x_TD.shape[0])
+    # Only without expert parallelism: gathering copies each token's expert weights ([T, K, D,
+    # F]: 7.5 GB of gate weights per chip for 32 K2 tokens on 32 chips, compiled for TPU).
+    if self.decode and idx_TK.size <= E and mesh is None:
+      context = sharding.context_mesh()
+      if context is not None and context.size > 1:
+        return (expert_sharded_gathered(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD,
+                                        mesh=context, dtype=cfg.dtype),
+                jnp.zeros((), jnp.float32))
       return (gathered_experts(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD, cfg.dtype),
               jnp.zeros((), jnp.float32))
     kwargs = dict(dispatch=cfg.moe_dispatch, capacity_factor=cfg.capacity_factor,
                   block_size=cfg.moe_block_size, dtype=jnp.dtype(cfg.dtype))
-    mesh = expert_parallel.active_mesh(x_TD.shape[0])
     if mesh is not None:  # under a k2jax mesh: per-device dispatch, all_to_all over `expert`.
       return expert_parallel.expert_parallel_experts(x_TD, idx_TK, w_TK, wg_EDF, wu_EDF, wd_EFD,
                                                      mesh=mesh, **kwargs)

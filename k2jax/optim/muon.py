@@ -13,6 +13,8 @@ the parameter dtype. Its weight decay is lr * wd * W, as here and in K2. Its sha
 from __future__ import annotations
 
 import functools
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +23,6 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from k2jax import sharding as sharding_lib
 from k2jax.optim.newton_schulz import NS_COEFFS, newton_schulz
 from k2jax.paths import path_str
 
@@ -65,29 +66,97 @@ def orthogonalize_batched(leaves: list[jax.Array], *, batch_size: int | None = N
   return out
 
 
-def orthogonalize_sharded(u: jax.Array, sharding: NamedSharding, **ns_kwargs) -> jax.Array:
-  """newton_schulz of one leaf laid out by `sharding`, on the devices that own its matrices.
+# Newton-Schulz of a sharded leaf runs in chunks of about this many float32 bytes per device.
+NS_CHUNK_BYTES = 2**30
 
-  A leaf of three or more axes runs one slice of its first (layers) axis at a time (`lax.map`),
-  so no more than one layer is ever gathered. Each slice is resharded so that every matrix is
-  whole on some devices (`k2jax.sharding.newton_schulz_spec`: the mesh axes of the matrix dims
-  move to a batch dim, such as the experts, where they divide, else the matrix is gathered:
-  Moonlight's Distributed Muon), orthogonalised there and cut back to `sharding`.
+
+class NewtonSchulzLayout(NamedTuple):
+  """How `orthogonalize_sharded` deals a leaf's matrices out whole over the mesh.
+
+  A device's block holds `local` matrices (its share of the leading axes), split over the
+  `rows` and `cols` mesh axes and identical over the `spread` axes (those the leaf does not
+  use). They go in `chunks` rounds: in each, every device of a spread group takes its own
+  rows x cols x `per_chunk` of them (zeros past the end), an all_to_all over rows and cols makes
+  each device's `per_chunk` matrices whole, it orthogonalises them, and the same all_to_all
+  brings them back; a psum over spread (each matrix is non-zero on one device) makes the block
+  whole again. No matrix is done twice.
   """
-  mesh, spec = sharding.mesh, tuple(sharding.spec) + (None,) * (u.ndim - len(sharding.spec))
-  constrain = lambda x, s: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*s)))
 
-  def one(u_, spec_):
-    ns_spec = tuple(sharding_lib.newton_schulz_spec(P(*spec_), u_.shape, mesh.shape))
-    # Pinning the result to ns_spec keeps the whole iteration there; the cut back is local.
-    o = constrain(newton_schulz(constrain(u_, ns_spec), **ns_kwargs), ns_spec)
-    return constrain(o, spec_)
+  spread: tuple[str, ...]
+  rows: tuple[str, ...]
+  cols: tuple[str, ...]
+  local: int
+  per_chunk: int
+  chunks: int
 
-  if u.ndim >= 3:
-    o = jax.lax.map(lambda u_l: one(u_l, spec[1:]), u)
-  else:
-    o = one(u, spec)
-  return constrain(o, spec).astype(u.dtype)
+  @property
+  def per_device(self) -> int:
+    """Matrices one device orthogonalises (zero padding included)."""
+    return self.per_chunk * self.chunks
+
+
+def newton_schulz_layout(spec, shape, mesh_shape, chunk_bytes: int = NS_CHUNK_BYTES
+                         ) -> NewtonSchulzLayout:
+  """The `NewtonSchulzLayout` of a leaf of `shape` laid out by PartitionSpec `spec`."""
+  entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+  axes = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)
+  used = {a for e in entries for a in axes(e)}
+  ways = lambda names: math.prod(mesh_shape[a] for a in names)
+  spread = tuple(a for a in mesh_shape if a not in used and mesh_shape[a] > 1)
+  rows, cols = axes(entries[-2]), axes(entries[-1])
+  local = math.prod(shape[:-2]) // ways([a for e in entries[:-2] for a in axes(e)])
+  per_device = -(-local // (ways(spread) * ways(rows) * ways(cols)))
+  most = max(1, chunk_bytes // (4 * shape[-2] * shape[-1]))
+  chunks = -(-per_device // most)
+  return NewtonSchulzLayout(spread, rows, cols, local, -(-per_device // chunks), chunks)
+
+
+def orthogonalize_sharded(u: jax.Array, sharding: NamedSharding, **ns_kwargs) -> jax.Array:
+  """newton_schulz of one leaf laid out by `sharding`, each matrix once, on one device.
+
+  Moonlight's Distributed Muon gathers each matrix onto the devices that share it and repeats
+  the iteration on each of them; here the matrices are dealt out instead (`NewtonSchulzLayout`),
+  so a replicated or FSDP-split leaf costs each device 1/(devices) of the work, in chunks of
+  bounded memory. With a bfloat16 iteration the results travel back in bfloat16, which holds
+  them exactly.
+  """
+  mesh, spec = sharding.mesh, P(*sharding.spec)
+  lay = newton_schulz_layout(spec, u.shape, dict(mesh.shape))
+  ways = lambda names: math.prod(mesh.shape[a] for a in names)
+  mine = ways(lay.rows) * ways(lay.cols) * lay.per_chunk  # block matrices a device takes
+  chunk = ways(lay.spread) * mine
+  back = jnp.dtype(ns_kwargs.get("dtype", jnp.bfloat16))
+
+  def body(u_block):
+    a, b = u_block.shape[-2:]
+    x_NAB = u_block.reshape(-1, a, b)
+    me = jax.lax.axis_index(lay.spread) if lay.spread else 0
+    index_KM = (jnp.arange(lay.chunks)[:, None] * chunk + me * mine + jnp.arange(mine))
+
+    def one_chunk(index_M):
+      x_MAB = jnp.take(x_NAB, index_M, axis=0, mode="fill", fill_value=0)
+      if lay.rows:  # [mine, a, b] -> whole rows of fewer matrices
+        x_MAB = jax.lax.all_to_all(x_MAB, lay.rows, 0, 1, tiled=True)
+      if lay.cols:
+        x_MAB = jax.lax.all_to_all(x_MAB, lay.cols, 0, 2, tiled=True)
+      o_MAB = newton_schulz(x_MAB, **ns_kwargs).astype(back)
+      if lay.cols:
+        o_MAB = jax.lax.all_to_all(o_MAB, lay.cols, 2, 0, tiled=True)
+      if lay.rows:
+        o_MAB = jax.lax.all_to_all(o_MAB, lay.rows, 1, 0, tiled=True)
+      return o_MAB
+
+    o_KMAB = jax.lax.map(one_chunk, index_KM)
+    if lay.spread:
+      o_NAB = jnp.zeros(x_NAB.shape, back).at[index_KM].set(o_KMAB, mode="drop")
+      o_NAB = jax.lax.psum(o_NAB, lay.spread)
+    else:
+      o_NAB = o_KMAB.reshape(-1, a, b)[:lay.local]
+    return o_NAB.reshape(u_block.shape).astype(u.dtype)
+
+  # The psum over `spread` makes the result identical on those axes, as out_specs says; the
+  # static check cannot see that the axis_index-dependent parts it adds are disjoint.
+  return jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(u)
 
 
 def orthogonalize(steps: int = 5, coeffs=NS_COEFFS, dtype=jnp.bfloat16, eps: float = 1e-7,
@@ -95,7 +164,8 @@ def orthogonalize(steps: int = 5, coeffs=NS_COEFFS, dtype=jnp.bfloat16, eps: flo
   """Stateless: Newton-Schulz on the last two axes of every leaf, cast back to its dtype.
 
   `param_shardings` (a tree of NamedSharding like the params): each leaf runs on its own through
-  `orthogonalize_sharded` (Distributed Muon); without, leaves of equal matrix shape are batched.
+  `orthogonalize_sharded` (its matrices dealt out over the mesh); without, leaves of equal matrix
+  shape are batched.
   """
   ns_kwargs = dict(steps=steps, coeffs=coeffs, dtype=dtype, eps=eps)
   by_path = None

@@ -37,9 +37,10 @@ def _rms_metrics(updates, labels) -> dict[str, jax.Array]:
   metrics = {}
   for role in ("muon", "adamw"):
     leaves = [u for u, r in zip(jax.tree.leaves(updates), jax.tree.leaves(labels)) if r == role]
-    count = sum(u.size for u in leaves)
+    # A Python float: an int count beyond 2^31 (K2 has 1.02e12 Muon weights) overflows in jit.
+    count = float(max(sum(u.size for u in leaves), 1))
     total = sum((jnp.sum(jnp.square(u.astype(jnp.float32))) for u in leaves), jnp.float32(0))
-    metrics[f"update_rms/{role}"] = jnp.sqrt(total / max(count, 1))
+    metrics[f"update_rms/{role}"] = jnp.sqrt(total / count)
   return metrics
 
 
@@ -122,7 +123,7 @@ def muonclip(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float = 0.1
   `qk_clip_targets` (e.g. `k2jax.optim.mha_targets(...)`). `qk_clip_tau=None` disables the clip.
   `roles`: (regex, role) rules placed before the defaults (see k2jax.optim.roles).
   `param_shardings`: the params' NamedShardings when they are sharded over a mesh; Newton-Schulz
-  then runs on each matrix's owners (k2jax.optim.muon.orthogonalize_sharded).
+  then deals the matrices out over the devices (k2jax.optim.muon.orthogonalize_sharded).
   """
   matrix_tx = muon_matrix(learning_rate, weight_decay=weight_decay, momentum=momentum,
                           nesterov=nesterov, ns_steps=ns_steps, ns_coeffs=ns_coeffs,

@@ -55,12 +55,15 @@ class QKClipTarget:
 
 
 def mla_targets(cfg: ModelConfig) -> tuple[QKClipTarget, ...]:
-  """Targets for k2jax.Transformer(cfg): q_b (or q_proj) and kv_b of the dense and MoE stacks."""
+  """Targets for k2jax.Transformer(cfg): q_b (or q_proj) and kv_b of the dense and MoE stacks and
+  of the multi-token-prediction layers' blocks (max_logits rows after the main layers')."""
   dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
   q_name = "q_b" if cfg.q_lora_rank is not None else "q_proj"
   targets = []
   for stack, first, count in (("dense_layers", 0, cfg.num_dense_layers),
-                              ("moe_layers", cfg.num_dense_layers, cfg.num_moe_layers)):
+                              ("moe_layers", cfg.num_dense_layers, cfg.num_moe_layers),
+                              ("mtp_layers/block", cfg.num_hidden_layers,
+                               cfg.num_nextn_predict_layers)):
     if count:
       targets.append(QKClipTarget(rf"(^|/){stack}/attn/{q_name}/kernel$", ((dn, 0.5), (dr, 1.0)),
                                   first))

@@ -51,7 +51,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=600, batch_size=16, seq_len=256, grad_accum=1, log_every=10, eval_every=100,
       eval_batches=4))
-  # Term weights; "balance" is DeepSeek-V3's sequence-wise balance loss (DS-V3: 1e-4).
+  # Term weights; "balance" is DeepSeek-V3's sequence-wise balance loss (DS-V3: 1e-4). A config
+  # for a model with MTP layers adds "mtp" (DS-V3: 0.3 then 0.1, as (0.3, 0.1, switch_step)).
   c.loss = ml_collections.ConfigDict(dict(cross_entropy=1.0, balance=0.0))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="muonclip", lr=2e-3, schedule="wsd", warmup_steps=50, decay_fraction=0.2,
@@ -183,6 +184,10 @@ def model_config(config, vocab_size: int) -> ModelConfig:
     partitioning.check_config(cfg, mesh_shape(config))
   except ValueError as e:
     raise ConfigError(str(e).replace("ModelConfig.", "config.model.", 1)) from e
+  try:
+    losses.for_model(loss_weights(config), cfg)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if config.train.seq_len > cfg.max_position_embeddings:
     _fail("train.seq_len", f"({config.train.seq_len}) exceeds model.max_position_embeddings "
           f"({cfg.max_position_embeddings})")

@@ -120,7 +120,8 @@ class Run:
     counts = count_params(cfg)
     self.flops_per_token = flops_per_token(cfg, t.seq_len)
     self.peak = cached_matmul_peak_flops(jnp.dtype(cfg.dtype)) * self.num_devices
-    print(f"k2jax: {config.model.preset} ({counts['total'] / 1e6:.2f}M params, "
+    mtp = f" + {counts['mtp'] / 1e6:.2f}M in MTP layers" if counts["mtp"] else ""
+    print(f"k2jax: {config.model.preset} ({counts['total'] / 1e6:.2f}M params{mtp}, "
           f"{counts['activated'] / 1e6:.2f}M activated), {config.optimizer.name}, "
           f"{t.steps} steps x {t.batch_size} x {t.seq_len} tokens, dtype {cfg.dtype}, "
           f"{self.num_devices} device(s), peak {self.peak / 1e12:.2f} TFLOP/s, "
@@ -134,7 +135,7 @@ class Run:
 
   def evaluate(self, state: TrainState) -> dict[str, float]:
     """eval_<term> means over the eval batches; eval_loss their weighted sum; bits per byte."""
-    values = [self.eval_step(state.params, state.router, self.put_batch(b))
+    values = [self.eval_step(state.params, state.router, self.put_batch(b), state.step)
               for b in self.eval_batches]
     out = {f"eval_{k}": float(np.mean([v[k] for v in jax.device_get(values)]))
            for k in values[0]}

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from k2jax import sharding
 from k2jax.config import ModelConfig
 from k2jax.model import Transformer
-from k2jax.model.moe import update_router_bias
+from k2jax.model.transformer import update_router
 from k2jax.optim import optimizer_metrics
 from k2jax.train import losses
 from k2jax.train.state import TrainState
@@ -44,7 +44,7 @@ def expert_balance(load_LE: jnp.ndarray) -> jnp.ndarray:
 
 def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformationExtraArgs,
                     schedule: optax.Schedule, *, loss_weights: Mapping | None = None,
-                    terms: Mapping[str, losses.Term] = losses.TERMS, grad_accum: int = 1,
+                    terms: Mapping = losses.TERMS, grad_accum: int = 1,
                     grad_clip: float = 0.0, bias_update_rate: float = 0.0,
                     bias_centered: bool = False, mesh: Mesh | None = None,
                     state_shardings: TrainState | None = None) -> Callable:
@@ -61,13 +61,13 @@ def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformationExtr
     raise ValueError("make_train_step: pass mesh and state_shardings together")
   weights = dict(loss_weights or {"cross_entropy": 1.0})
   losses.check_weights(weights, terms)
-  model = Transformer(model_cfg)
+  terms = losses.for_model(weights, model_cfg, terms)
+  forward = _forward(model_cfg)
 
   def loss_fn(params, router, batch, counts, step):
-    logits_BTV, aux = model.apply({"params": params, "router": router},
-                                  **losses.model_inputs(batch))
-    values = losses.term_values(weights, {"logits": logits_BTV, "aux": aux}, batch, counts, terms)
-    return losses.combine(weights, values, step), (values, aux)
+    outputs = forward(params, router, batch)
+    values = losses.term_values(weights, outputs, batch, counts, terms)
+    return losses.combine(weights, values, step), (values, outputs["aux"])
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
 
@@ -104,9 +104,7 @@ def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformationExtr
     params = optax.apply_updates(state.params, updates)
     router = state.router
     if bias_update_rate > 0:
-      router = jax.tree.map(
-          lambda b: update_router_bias(b, aux["expert_load"], bias_update_rate, bias_centered),
-          router)
+      router = update_router(router, aux["expert_load"], bias_update_rate, bias_centered)
     opt_metrics = optimizer_metrics(opt_state)
     clipped_L = opt_metrics.pop("qk_clip/clipped_heads", jnp.zeros((0,), jnp.int32))
     metrics = {
@@ -132,6 +130,22 @@ def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformationExtr
                  out_shardings=(state_shardings, NamedSharding(mesh, P())))
 
 
+def _forward(model_cfg: ModelConfig) -> Callable:
+  """(params, router, batch) -> the outputs the loss terms read: {"logits", "aux"}, and the MTP
+  layers' "mtp_logits" when the model has them (taken out of aux, which keeps the statistics the
+  step reduces over micro-batches)."""
+  model = Transformer(model_cfg)
+  mtp = model_cfg.num_nextn_predict_layers > 0
+
+  def forward(params, router, batch):
+    logits_BTV, aux = model.apply({"params": params, "router": router},
+                                  **losses.model_inputs(batch, mtp))
+    return {"logits": logits_BTV, **({"mtp_logits": aux.pop("mtp_logits")} if mtp else {}),
+            "aux": aux}
+
+  return forward
+
+
 def _under_mesh(fn: Callable, mesh: Mesh | None) -> Callable:
   """fn traced with `mesh` as the abstract context mesh (what the model's sharding code reads)."""
   if mesh is None:
@@ -146,18 +160,17 @@ def _under_mesh(fn: Callable, mesh: Mesh | None) -> Callable:
 
 
 def make_eval_step(model_cfg: ModelConfig, loss_weights: Mapping | None = None,
-                   terms: Mapping[str, losses.Term] = losses.TERMS,
-                   mesh: Mesh | None = None) -> Callable:
-  """(params, router, batch) -> {"loss": weighted sum, term name: value}, jitted (for `mesh`)."""
+                   terms: Mapping = losses.TERMS, mesh: Mesh | None = None) -> Callable:
+  """(params, router, batch, step=0) -> {"loss": weighted sum (weights at `step`), term name:
+  value}, jitted (for `mesh`)."""
   weights = dict(loss_weights or {"cross_entropy": 1.0})
   losses.check_weights(weights, terms)
-  model = Transformer(model_cfg)
+  terms = losses.for_model(weights, model_cfg, terms)
+  forward = _forward(model_cfg)
 
-  def eval_step(params, router, batch):
-    logits_BTV, aux = model.apply({"params": params, "router": router},
-                                  **losses.model_inputs(batch))
-    values = losses.term_values(weights, {"logits": logits_BTV, "aux": aux}, batch,
+  def eval_step(params, router, batch, step=0):
+    values = losses.term_values(weights, forward(params, router, batch), batch,
                                 losses.counts(weights, batch, terms), terms)
-    return {"loss": losses.combine(weights, values), **values}
+    return {"loss": losses.combine(weights, values, step), **values}
 
   return jax.jit(_under_mesh(eval_step, mesh))
