@@ -52,7 +52,7 @@ class Replay:
 
 
 def _distinct_tasks(n):
-  """n train tasks with distinct requests, covering every tag."""
+  """n train tasks with distinct requests, the first four covering every tag."""
   tasks, seen = [], set()
   for t in agentic.make_tasks("train", 400, seed=4):
     if t.user not in seen:
@@ -60,7 +60,7 @@ def _distinct_tasks(n):
       tasks.append(t)
   picked = [next(t for t in tasks if tag in t.tags)
             for tag in ("chain", "parallel", "recovery", "no_tool")]
-  return picked + [t for t in tasks if t not in picked][:n - len(picked)]
+  return (picked + [t for t in tasks if t not in picked])[:n]
 
 
 def _arguments(messages):
