@@ -1,6 +1,7 @@
-"""Shared test setup, set before jax is imported: 8 simulated CPU devices, the CPU backend, and
-one persistent compilation cache for the whole run (its workers and the subprocesses they start
-inherit the directory, so a program compiled once loads everywhere after)."""
+"""Shared test setup, set before jax is imported: 8 simulated CPU devices, the CPU backend, fast
+compiles, and one persistent compilation cache for the whole run (its workers and the
+subprocesses they start inherit the directory, so a program compiled once loads everywhere
+after)."""
 
 import atexit
 import os
@@ -10,7 +11,19 @@ import tempfile
 import numpy as np
 import pytest
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The suite compiles hundreds of small programs and runs each briefly: LLVM without its costly
+# optimisations halves the suite's CPU time. Numerics are XLA's either way; subprocesses that
+# choose their own device count keep these flags (`xla_flags`).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def xla_flags(devices: int | None = 8) -> str:
+  """XLA_FLAGS for a test process: `devices` simulated CPU devices (None: the default one)."""
+  count = "" if devices is None else f"--xla_force_host_platform_device_count={devices} "
+  return count + FAST_COMPILE
+
+
+os.environ.setdefault("XLA_FLAGS", xla_flags())
 # With libtpu installed (k2jax.aot's tests) jax would look for a TPU first; tests run on CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -195,6 +195,7 @@ def _mtp_model():
   return cfg, init_variables(cfg, 0)
 
 
+@pytest.mark.slow  # two stop settings x two decoders, each compiling its loop.
 def test_speculative_decoding_equals_greedy_decoding():
   """speculative="mtp" returns plain greedy decoding's tokens, log-probs and finished flags, and
   streams the same tokens in the same order: uneven prompts batched together, stop ids, rows that

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import xla_flags
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import save_file as torch_save_file
@@ -327,7 +328,7 @@ def test_load_streams_tensors_peak_rss(tmp_path):
                            abstract_variables(cfg))
   k2jax.hf.save(tmp_path, cfg, variables, max_shard_size="40MB")
   del variables
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as users run.
+  env = {**os.environ, "XLA_FLAGS": xla_flags(None)}  # one device, as users run.
   out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(tmp_path)], capture_output=True,
                        text=True, check=True, env=env)
   r = json.loads(out.stdout.strip().splitlines()[-1])

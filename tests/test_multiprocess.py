@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import xla_flags
 
 from k2jax.train.metrics import read_metrics
 
@@ -44,7 +45,7 @@ def _launch(workdir, corpus, devices, extra=()):
           "--config.train.eval_batches=1", "--config.checkpoint.every_steps=2",
           "--config.optimizer.warmup_steps=2", *extra]
   env = {**os.environ, "PYTHONPATH": str(REPO),
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+         "XLA_FLAGS": xla_flags(devices)}
   return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import xla_flags
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 RUNNER = """
@@ -19,7 +20,7 @@ nbclient.NotebookClient(book, timeout=400, kernel_name="python3",
 @pytest.fixture(scope="module")
 def runs():
   """Starts every notebook at once; {name: Popen}."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags(None)}
   env.update(K2JAX_SMOKE="1", MPLBACKEND="Agg", PYTHONPATH=str(NOTEBOOKS[0].parents[1]))
   procs = {nb.name: subprocess.Popen([sys.executable, "-c", RUNNER, str(nb), str(nb.parent)],
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
