@@ -1,14 +1,15 @@
-r"""Agentic SFT in miniature: a widened k2_nano (MODEL below) briefly pretrained on the Python
-stdlib, then fine-tuned with MuonClip on the synthesised tool-use conversations of k2jax.agentic
-(`make sft-demo` runs all of it).
+r"""Agentic SFT in miniature: a widened k2_nano (MODEL below), briefly pretrained on the stdlib,
 
-  python experiments/synthesize.py --out=workdirs/sft_demo/data --train=20000 --tokenizer_vocab=2048
   python experiments/train.py --config=experiments/configs/k2_nano_sft.py:pretrain \
       --workdir=workdirs/sft_demo/pretrain
   python experiments/train.py --config=experiments/configs/k2_nano_sft.py \
       --workdir=workdirs/sft_demo/sft
-  python experiments/agent_eval.py --workdir=workdirs/sft_demo/pretrain \
-      --workdir=workdirs/sft_demo/sft --out=workdirs/sft_demo/eval
+
+then fine-tuned with MuonClip on the synthesised tool-use conversations of k2jax.agentic. Before
+them, `python experiments/synthesize.py --out=workdirs/sft_demo/data --train=20000
+--tokenizer_vocab=2048` writes the conversations and the tokenizer; after them, `python
+experiments/agent_eval.py --workdir=workdirs/sft_demo/pretrain --workdir=workdirs/sft_demo/sft
+--out=workdirs/sft_demo/eval` plays both as agents. `make sft-demo` runs all four.
 
 `:pretrain` is the base model: 100 steps of next-token prediction on the stdlib with the K2-format
 BPE that synthesize.py trained on the stdlib and the conversations (the least that makes a base
