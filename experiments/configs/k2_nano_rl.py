@@ -16,13 +16,16 @@ experiments/REPORT.md, "RL".
 from k2jax.rl import default_config
 
 SFT = "workdirs/sft_demo"
+# k2_nano_sft.py's model (hidden 256, dense FFNs): init_from requires the same shapes.
+MODEL = dict(hidden_size=256, intermediate_size=768, first_k_dense_replace=4)
 
 
 def get_config():
   c = default_config()
   c.init_from = f"{SFT}/sft"
-  c.model.preset = "k2_nano"  # init_from's model: k2_nano_sft.py's model section.
+  c.model.preset = "k2_nano"
   c.model.dtype = "bfloat16"
+  c.model.update(MODEL)
   c.optimizer.update(dict(name="muonclip", lr=5e-4, schedule="constant", warmup_steps=0))
   c.train.update(dict(steps=25, batch_size=4, seq_len=639, log_every=1, eval_every=5,
                       eval_batches=2))
