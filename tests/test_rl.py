@@ -244,7 +244,8 @@ def _cli(workdir, root):
           "--config.rl.max_new_tokens=8", "--config.rl.max_turns=2", "--config.rl.eval_heldout=2",
           "--config.rl.eval_heldout_domain=1", "--config.rl.temperature_decay_steps=4",
           "--config.rl.ptx_weight=0.5", "--config.rl.budget=6"]
-  return args + [f"--config.model.{k}={v}" for k, v in TINY_MODEL.items()]
+  tiny = {**TINY_MODEL, "intermediate_size": 384, "first_k_dense_replace": 1}  # the preset's
+  return args + [f"--config.model.{k}={v}" for k, v in tiny.items()]
 
 
 def _records(workdir):
