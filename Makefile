@@ -1,12 +1,13 @@
 # The README's commands: `make demo` (train a small K2 with MuonClip), `make test`, and
-# `make sft-demo` (agentic SFT: synthesise, pretrain, SFT, evaluate as an agent).
+# `make sft-demo` (agentic SFT: synthesise, pretrain, SFT, evaluate as an agent) and `make rl-demo`
+# (RL from that SFT checkpoint in the tool worlds).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.runtime-installed
 TESTDEPS := $(VENV)/.test-installed
 
-.PHONY: demo sft-demo test test-fast lint bench clean
+.PHONY: demo sft-demo rl-demo test test-fast lint bench clean
 
 $(RUNTIME): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,11 @@ sft-demo: $(RUNTIME)
 	    --config.init_from=$(SFT)/pretrain --config.data.source=$(SFT)/data/train.jsonl \
 	    --workdir=$(SFT)/sft
 	$(PY) experiments/agent_eval.py --workdir=$(SFT)/pretrain --workdir=$(SFT)/sft --out=$(SFT)/eval
+
+rl-demo: $(RUNTIME)  # after sft-demo
+	$(PY) experiments/rl.py --config=experiments/configs/k2_nano_rl.py \
+	    --config.init_from=$(SFT)/sft --config.data.source=$(SFT)/data/train.jsonl \
+	    --workdir=workdirs/rl_demo
 
 test: $(TESTDEPS)
 	$(VENV)/bin/ruff check k2jax tests experiments benchmarks

@@ -15,7 +15,8 @@ LAYERS = (
     ("k2jax.model", "k2jax.optim", "k2jax.data"),
     ("k2jax.hf", "k2jax.decode", "k2jax.chat", "k2jax.plan", "k2jax.aot"),
     ("k2jax.train",),
-    ("k2jax.agentic", "k2jax.rl", "k2jax.scaling"),
+    ("k2jax.agentic", "k2jax.scaling"),
+    ("k2jax.rl",),  # RL plays the agent loop's tool worlds.
 )
 
 

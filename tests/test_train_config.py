@@ -5,6 +5,7 @@ import pathlib
 
 import pytest
 
+from k2jax.rl import config as rl_config
 from k2jax.train import ConfigError, default_config, model_config, validate
 
 CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "experiments" / "configs").glob("*.py"))
@@ -20,8 +21,10 @@ def _load(path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_shipped_configs_validate(path):
   config = _load(path)
-  validate(config)
-  assert path.read_text().splitlines()[2].strip().startswith("python experiments/train.py")
+  rl = "rl" in config  # an RL config: experiments/rl.py's
+  (rl_config.validate if rl else validate)(config)
+  script = "rl.py" if rl else "train.py"
+  assert path.read_text().splitlines()[2].strip().startswith(f"python experiments/{script}")
   cfg = model_config(config, 257)
   assert cfg.vocab_size % 64 == 0 and cfg.vocab_size >= 257
 

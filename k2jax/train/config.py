@@ -117,9 +117,11 @@ def mesh_shape(config) -> dict[str, int]:
     raise ConfigError(str(e)) from e
 
 
-def validate(config) -> None:
-  """Raises ConfigError (one line, naming the key) for unknown keys and invalid values."""
-  _check_keys(config, default_config())
+def validate(config, defaults: ml_collections.ConfigDict | None = None) -> None:
+  """Raises ConfigError (one line, naming the key) for unknown keys and invalid values; the known
+  keys are those of `defaults` (default_config(); a config with more sections, e.g. RL's, passes
+  its own and checks them itself)."""
+  _check_keys(config, default_config() if defaults is None else defaults)
   if not isinstance(config.seed, int):
     _fail("seed", f"must be an integer, got {config.seed!r}")
   if not isinstance(config.init_from, str):

@@ -52,10 +52,13 @@ def train(config, workdir: str) -> dict[str, Any]:
 
 
 class Run:
-  """What a training run builds before its loop, and the loop's state (setup)."""
+  """What a training run builds before its loop, and the loop's state (setup). A subclass with
+  another kind of config (e.g. k2jax.rl's) sets `validate` to its own check."""
+
+  validate = staticmethod(config_lib.validate)
 
   def __init__(self, config, workdir: str):
-    config_lib.validate(config)
+    self.validate(config)
     self.config, t = config, config.train
     self.workdir = workdir_lib.check_writable(workdir)
     self.primary = distributed.is_primary()
@@ -154,7 +157,7 @@ class Run:
     self.eval_step = make_eval_step(self.cfg, weights, mesh=self.mesh)
     log = _Log(self, t.batch_size * t.seq_len)
     every = config.checkpoint.every_steps
-    with _SigtermFlag() as sigterm:
+    with SigtermFlag() as sigterm:
       compiled, pending = None, None  # pending: (step, metrics, extra) not yet fetched.
       for step in range(self.start + 1, t.steps + 1):
         batch = self.put_batch(next(self.train_iter))
@@ -252,7 +255,7 @@ class _Log:
       self.step, self.time = step, time.perf_counter()
 
 
-class _SigtermFlag:
+class SigtermFlag:
   """Sets `.raised` on SIGTERM while active (main thread only; elsewhere it never fires)."""
 
   def __init__(self):
