@@ -43,3 +43,26 @@ def corpus(tmp_path_factory):
     lines = [f"def f_{i}_{j}(x):\n    return x * {rng.integers(10)} + {j}\n" for j in range(30)]
     (root / f"mod_{i}.py").write_text("".join(lines))
   return str(root)
+
+
+@pytest.fixture(scope="session")
+def tok():
+  """A K2-format BPE (1024 ids) trained on expert conversations of the tool worlds: the agent
+  loop's and RL's tests' tokenizer (tests/test_chat.py has its own)."""
+  from k2jax import agentic, chat, data  # after the environment above is set.
+  tasks = agentic.make_tasks("train", 200, seed=3)
+  texts = [chat.render(agentic.expert_messages(t), list(t.tools)) for t in tasks]
+  return data.train_bpe(texts, 1024)
+
+
+# The modules that take longest, longest first: `make test` hands whole modules to its two
+# workers in collection order (`--dist loadscope`), so these go first and the workers finish
+# together instead of one waiting on the other's last long module.
+LONGEST_FIRST = ("test_aot.py", "test_train.py", "test_mtp.py", "test_sharding_train.py",
+                 "test_decode.py", "test_sft.py", "test_model.py", "test_notebooks.py",
+                 "test_train_step.py", "test_sweep.py", "test_rl.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest in order.

@@ -9,18 +9,11 @@ import numpy as np
 import pytest
 
 import k2jax
-from k2jax import agentic, chat, data, decode
+from k2jax import agentic, chat, decode
 from k2jax.agentic import agent
 from k2jax.decode import Generation
 
 LOGPROB = -0.5
-
-
-@pytest.fixture(scope="module")
-def tok():
-  tasks = agentic.make_tasks("train", 200, seed=3)
-  texts = [chat.render(agentic.expert_messages(t), list(t.tools)) for t in tasks]
-  return data.train_bpe(texts, 1024)
 
 
 def _reply(message: dict) -> str:

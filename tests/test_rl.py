@@ -16,27 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_agent import _reply
 
 import k2jax
-from k2jax import agentic, chat, data, decode
+from k2jax import agentic, chat, decode
 from k2jax.rl import config as rl_config
 from k2jax.rl import rollouts
 from k2jax.train import ConfigError, build_optimizer, init_state, losses, make_train_step
 
 LOGPROB = -0.25
-
-
-@pytest.fixture(scope="module")
-def tok():
-  tasks = agentic.make_tasks("train", 200, seed=3)
-  texts = [chat.render(agentic.expert_messages(t), list(t.tools)) for t in tasks]
-  return data.train_bpe(texts, 1024)
-
-
-def _reply(message: dict) -> str:
-  """What a model writes for an assistant message: its rendering after the generation prompt."""
-  return chat.render_continuation([message], add_generation_prompt=False).removeprefix(
-    chat.GENERATION_PROMPT)
 
 
 class Script:

@@ -39,7 +39,7 @@ from k2jax.rl import rollouts
 from k2jax.rl.plot import plot_rl
 from k2jax.train import config as config_lib
 from k2jax.train import losses
-from k2jax.train.loop import Run, SigtermFlag
+from k2jax.train.loop import Run, SigtermFlag, execute
 from k2jax.train.metrics import read_metrics
 from k2jax.train.plot import plot_run
 from k2jax.train.step import make_eval_step, make_train_step
@@ -49,13 +49,7 @@ EVAL_SPLITS = ("heldout", "heldout_domain")
 
 def train_rl(config, workdir: str) -> dict[str, Any]:
   """RL-trains config in workdir (resuming from its checkpoints); returns the final summary."""
-  run = RLRun(config, workdir)
-  with jax.set_mesh(run.mesh):
-    try:
-      run.loop()
-    finally:
-      run.close()
-    return run.report()
+  return execute(RLRun(config, workdir))
 
 
 def _log_ratio_B(outputs, batch) -> jax.Array:

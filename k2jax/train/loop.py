@@ -42,7 +42,11 @@ from k2jax.train.step import make_eval_step, make_train_step
 
 def train(config, workdir: str) -> dict[str, Any]:
   """Trains config in workdir (resuming from its checkpoints); returns the final summary."""
-  run = Run(config, workdir)
+  return execute(Run(config, workdir))
+
+
+def execute(run: Run) -> dict[str, Any]:
+  """Runs a set-up run's loop on its mesh, closes it, and returns its report."""
   with jax.set_mesh(run.mesh):
     try:
       run.loop()
