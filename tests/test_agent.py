@@ -160,6 +160,7 @@ def test_the_context_budget_ends_an_episode(tok):
   np.testing.assert_array_equal(ep.tokens, prompt)
 
 
+@pytest.mark.slow  # a compiled cross-check: make test runs it, make test-fast not.
 def test_the_decoder_plays_episodes_and_its_logprobs_are_the_models(tok):
   """A tiny random model through k2jax.decode: episodes end without crashing, and the log-probs
   kept for the generated tokens are those of the model on the whole conversation."""

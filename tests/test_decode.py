@@ -79,6 +79,7 @@ def test_greedy_matches_transformers_generate():
   assert got.finished == [stop in w for w in want] and got.finished[1]
 
 
+@pytest.mark.slow  # a compiled cross-check: make test runs it, make test-fast not.
 def test_nucleus_sampling_draws_from_the_tempered_nucleus():
   name = "qlora_yarn"
   cfg, (_, variables) = CASES[name], _model(name)
@@ -162,6 +163,7 @@ def test_top_k_draws_only_the_k_most_likely():
   assert set(t[0] for t in draws.tokens) == set(np.argsort(-logits_V)[:3].tolist())
 
 
+@pytest.mark.slow  # a compiled cross-check: make test runs it, make test-fast not.
 def test_train_closing_sample_is_the_decoder(monkeypatch, corpus, tmp_path):
   """train()'s closing sample goes through k2jax.decode.generate (one decoder)."""
   from test_train import tiny_config

@@ -86,6 +86,7 @@ def loss_fn(params, router, cfg, tokens):
   return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
 
 
+@pytest.mark.slow  # a compiled cross-check: make test runs it, make test-fast not.
 def test_scan_unroll_and_remat_compute_the_same_function():
   cfg = presets.get("k2_nano", num_hidden_layers=2)
   v = init_variables(cfg, 0)
@@ -125,6 +126,7 @@ def test_every_parameter_has_logical_axes():
   assert axes["router"]["moe_layers"]["moe"]["e_score_correction_bias"] == ("layers", "router")
 
 
+@pytest.mark.slow  # a compiled cross-check: make test runs it, make test-fast not.
 def test_nano_overfits_one_batch_with_gradient_descent():
   cfg = presets.get("k2_nano")
   v = init_variables(cfg, 0)

@@ -285,6 +285,7 @@ def test_accumulation_weighs_each_depth_over_the_whole_batch():
     assert float(values[1][key]) == pytest.approx(float(values[0][key]), rel=2e-5), key
 
 
+@pytest.mark.slow  # a compiled cross-check: make test runs it, make test-fast not.
 def test_qk_clip_and_router_bias_cover_the_mtp_blocks():
   """max_logits rows L..L+K-1 are the MTP blocks': QK-Clip rescales their query/key columns by
   tau / S_max, and each MTP block's routing bias moves by the sign rule on its own expert load."""

@@ -141,6 +141,7 @@ def test_no_clip_is_muon_and_foreign_states_have_no_metrics():
   assert ko.optimizer_metrics(optax.adam(1e-3).init(params)) == {}
 
 
+@pytest.mark.slow  # a compiled cross-check: make test runs it, make test-fast not.
 def test_params_straight_from_model_init_are_accepted():
   """flax's boxed params (LogicallyPartitioned from model.init) take the same MuonClip step as
   k2jax.init_variables' plain arrays, and the updates come back boxed."""

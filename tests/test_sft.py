@@ -20,6 +20,7 @@ from k2jax.train.loop import Run
 from k2jax.train.step import make_eval_step
 
 REPO = pathlib.Path(__file__).parents[1]
+pytestmark = pytest.mark.slow  # pretraining and SFT runs: make test runs them, make test-fast not.
 TINY_MODEL = dict(hidden_size=64, num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=2)
 
 

@@ -97,6 +97,7 @@ def test_masked_loss_is_the_mean_over_the_weighted_targets():
   assert float(m["grad_norm"]) == 0.0
 
 
+@pytest.mark.slow  # a compiled cross-check: make test runs it, make test-fast not.
 def test_grad_accum_with_masked_micro_batches_matches_one_big_batch():
   """Micro-batches with very different numbers of weighted targets: the accumulated step equals
   one step on the whole batch (the per-term counts come from the whole batch), with QK-Clip
