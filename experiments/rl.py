@@ -12,6 +12,7 @@ from ml_collections import config_flags
 
 from k2jax.rl import train_rl
 from k2jax.train import ConfigError
+from k2jax.train.config import parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/k2_nano_rl.py",
                                           "RL experiment config file (ml_collections).")
@@ -36,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -12,6 +12,7 @@ from ml_collections import config_flags
 
 from k2jax import distributed
 from k2jax.train import ConfigError, train
+from k2jax.train.config import parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/k2_nano.py",
                                           "Experiment config file (ml_collections).")
@@ -36,16 +37,6 @@ def main(argv):
     train(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, FloatingPointError) as e:
     sys.exit(f"error: {e}")
-
-
-def parse_flags(argv):
-  """absl's flag parsing; a bad --config.* override is a one-line error, not a traceback."""
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    raw = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\n", " ")
-    message = " ".join(raw.replace("\\", "").replace("'", "").split())
-    sys.exit(f"error: bad config override: {message}")
 
 
 if __name__ == "__main__":

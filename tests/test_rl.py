@@ -273,3 +273,13 @@ def test_resume_after_sigkill_gives_the_same_rewards_and_losses(tok, tmp_path):
           "clipped_heads", "max_logit", "truncated_frac"} <= set(a[3])
   # k2_nano_rl.py decays 1.0 -> 0.6, here over 4 updates.
   np.testing.assert_allclose([r["temperature"] for r in a[1:]], [1.0, 0.9, 0.8, 0.7, 0.6, 0.6])
+
+
+def test_cli_bad_override_is_one_line(tmp_path):
+  out = subprocess.run([sys.executable, str(REPO / "experiments" / "rl.py"),
+                        f"--config={REPO / 'experiments' / 'configs' / 'k2_nano_rl.py'}",
+                        f"--workdir={tmp_path / 'w'}", "--config.rl.samplez=3"],
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+  assert out.returncode != 0
+  assert out.stderr.strip().splitlines() == [
+    'error: bad config override: samplez Did you mean "samples" instead of "samplez"?']

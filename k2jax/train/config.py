@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 
 import jax
 import ml_collections
+from absl import app
 from ml_collections import config_dict
 
 from k2jax import data as data_lib
@@ -194,3 +196,13 @@ def model_config(config, vocab_size: int) -> ModelConfig:
     _fail("train.seq_len", f"({config.train.seq_len}) exceeds model.max_position_embeddings "
           f"({cfg.max_position_embeddings})")
   return cfg
+
+
+def parse_flags(argv):
+  """absl's flag parsing; a bad --config.* override is a one-line error, not a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raw = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\n", " ")
+    message = " ".join(raw.replace("\\", "").replace("'", "").split())
+    sys.exit(f"error: bad config override: {message}")
