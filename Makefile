@@ -9,15 +9,17 @@ TESTDEPS := $(VENV)/.test-installed
 
 .PHONY: demo sft-demo rl-demo test test-fast lint bench clean
 
+# pip --no-compile: byte-compiling every installed file up front (torch alone has thousands)
+# costs about 20 s of a fresh setup; Python compiles the modules it imports, once.
 $(RUNTIME): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --no-compile --upgrade pip
+	$(PY) -m pip install -q --no-compile -r requirements.txt
+	$(PY) -m pip install -q --no-compile --no-deps -e .
 	touch $@
 
 $(TESTDEPS): $(RUNTIME) requirements-test.txt
-	$(PY) -m pip install -q -r requirements-test.txt
+	$(PY) -m pip install -q --no-compile -r requirements-test.txt
 	touch $@
 
 demo: $(RUNTIME)

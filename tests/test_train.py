@@ -100,7 +100,7 @@ def test_data_parallel_matches_one_device(corpus, run30, tmp_path):
   np.testing.assert_allclose([b[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], rtol=1e-4)
 
 
-STEPS = 120
+STEPS = 80
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
