@@ -49,8 +49,8 @@ def get_config(phase: str = "sft"):
                        tokenizer_path=f"{DATA}/tokenizer"))
     return c
   c.init_from = "workdirs/sft_demo/pretrain"
-  c.train.update(dict(steps=500, batch_size=8, seq_len=639, eval_every=100, eval_batches=4))
-  c.optimizer.update(dict(lr=5e-3, warmup_steps=30))
-  c.checkpoint.every_steps = 100
+  c.train.update(dict(steps=1000, batch_size=8, seq_len=639, eval_every=250, eval_batches=4))
+  c.optimizer.update(dict(lr=1e-2, warmup_steps=30))
+  c.checkpoint.update(dict(every_steps=250, keep=4))
   c.data.update(dict(source=f"{DATA}/train.jsonl", format="chat", val_fraction=0.02))
   return c
