@@ -125,6 +125,7 @@ def test_serving_compiles_with_the_compressed_cache():
   assert aot.cache_spec((2, 8, 256, 64), mesh_shape) == P(None, ("fsdp", "expert"), None, None)
 
 
+@pytest.mark.slow  # two TPU compiles of a prefill.
 def test_early_report_reads_the_same_numbers_from_the_compiler_dumps():
   """early=True stops at buffer assignment (K2's TPU code generation takes most of its compile):
   the dumped buffer assignment and optimized HLO give what the finished executable reports."""

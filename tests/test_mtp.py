@@ -240,6 +240,7 @@ def test_lambda_zero_trains_exactly_as_without_mtp_layers():
   assert all(moved)
 
 
+@pytest.mark.slow  # an MTP train step compiled and run three times.
 def test_weight_schedule_and_bad_weights():
   """(0.3, 0.1, 2): lambda is 0.3 for steps 0 and 1, then 0.1; malformed weights and an MTP term
   without MTP layers are one-line errors naming the key."""

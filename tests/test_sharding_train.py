@@ -28,7 +28,9 @@ CFG = presets.get("k2_nano", num_hidden_layers=2, hidden_size=64, intermediate_s
 B, T, STEPS, TAU = 8, 8, 5, 0.05
 BATCHES = [np.asarray(jax.random.randint(jax.random.key(i), (B, T + 1), 0, CFG.vocab_size))
            for i in range(STEPS)]
-MESHES = [(8, 1, 1, 1), (2, 4, 1, 1), (1, 2, 4, 1), (2, 1, 2, 2)]
+# make test-fast keeps the FSDP x expert mesh; the other three are `slow` (make test runs them).
+MESHES = [pytest.param(s, marks=pytest.mark.slow) for s in [(8, 1, 1, 1), (2, 4, 1, 1)]] + [
+    (1, 2, 4, 1), pytest.param((2, 1, 2, 2), marks=pytest.mark.slow)]
 
 
 @functools.cache

@@ -156,6 +156,7 @@ def test_sigterm_sigkill_and_restart_resume_bit_for_bit(corpus, tmp_path):
   assert a == b
 
 
+@pytest.mark.slow  # a second training run with its own compiles.
 def test_nan_loss_stops_without_saving_the_bad_state(corpus, tmp_path):
   config = tiny_config(corpus, steps=10, eval_every=0)
   config.optimizer.update(dict(name="adamw", lr=1e30, warmup_steps=0, grad_clip=0.0))
