@@ -6,9 +6,9 @@ r"""RL in the tool worlds after agentic SFT (K2's recipe in miniature, k2jax.rl)
   ... --config.rl.budget=160             with a token budget per sample
 
 k2_nano from the SFT checkpoint of k2_nano_sft.py, K1.5's objective with MuonClip, the PTX loss
-on the SFT conversations, a temperature decaying 1.0 -> 0.6 and no token budget. Sizes fit 2 CPU
-cores in about 30 minutes: 25 updates of 4 tasks x 8 samples, one optimizer step per update, a
-greedy held-out evaluation (48 seen-domain + 12 held-out-domain tasks) before the first update
+on the SFT conversations, a temperature decaying 1.0 -> 0.6 and no token budget. Sized for 2 CPU
+cores: 25 updates of 4 tasks x 8 samples, one optimizer step per update, a greedy held-out
+evaluation (48 seen-domain + 12 held-out-domain tasks) before the first update
 and every 5 updates; one device (the decoder is not sharded). The results are in
 experiments/REPORT.md, "RL".
 """
