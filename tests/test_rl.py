@@ -4,7 +4,6 @@ recorded at sampling), a toy bandit learnt by both objectives with the real mode
 train step, and config errors. The objectives' gradients in closed form: tests/test_losses.py."""
 
 import functools
-import json
 import os
 import pathlib
 import signal
@@ -23,6 +22,7 @@ from k2jax import agentic, chat, decode
 from k2jax.rl import config as rl_config
 from k2jax.rl import rollouts
 from k2jax.train import ConfigError, build_optimizer, init_state, losses, make_train_step
+from k2jax.train.metrics import read_metrics
 
 LOGPROB = -0.25
 
@@ -237,11 +237,7 @@ def _cli(workdir, root):
 
 
 def _records(workdir):
-  path = workdir / "metrics.jsonl"
-  if not path.exists():
-    return []
-  return [{k: v for k, v in json.loads(line).items() if k not in TIMES}
-          for line in path.read_text().splitlines() if line.strip()]
+  return [{k: v for k, v in r.items() if k not in TIMES} for r in read_metrics(workdir)]
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """train(): end to end on a tiny model, exact resume, fallback, NaN guard, setup errors."""
 
+import json
 import logging
 import os
 import pathlib
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from k2jax.train import ConfigError, default_config, train
-from k2jax.train.metrics import read_metrics
+from k2jax.train.metrics import read_metrics, truncate_metrics
 
 REPO = pathlib.Path(__file__).parents[1]
 REQUIRED = ("step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "max_logit",
@@ -155,6 +156,19 @@ def test_sigterm_sigkill_and_restart_resume_bit_for_bit(corpus, tmp_path):
   assert list(a) == list(b) == list(range(1, STEPS + 1))
   assert a == b
 
+
+
+def test_metrics_read_while_written_and_truncated_whole(tmp_path):
+  """A reader polling a live run's metrics.jsonl (as the kill tests do) may catch the last line
+  half written: it gets the complete records. Truncation replaces the file in one step."""
+  lines = [json.dumps({"step": i, "loss": 1.0 / i}) + "\n" for i in range(1, 4)]
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(lines) + lines[0][:9])
+  assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+  path.write_text("".join(lines)[:-1])  # complete JSON, newline not yet written: kept.
+  assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+  truncate_metrics(tmp_path, 2)
+  assert path.read_text() == "".join(lines[:2]) and sorted(tmp_path.iterdir()) == [path]
 
 @pytest.mark.slow  # a second training run with its own compiles.
 def test_nan_loss_stops_without_saving_the_bad_state(corpus, tmp_path):

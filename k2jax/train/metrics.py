@@ -24,19 +24,28 @@ def to_python(value: Any) -> Any:
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
-  """The records of `<workdir>/metrics.jsonl`, in order."""
+  """The records of `<workdir>/metrics.jsonl`, in order. A live run may be writing its last line:
+  an unterminated last line that is not yet valid JSON is left out."""
   path = pathlib.Path(workdir) / METRICS_FILE
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  *lines, last = path.read_text().split("\n")
+  records = [json.loads(line) for line in lines if line.strip()]
+  try:
+    return records + ([json.loads(last)] if last.strip() else [])
+  except json.JSONDecodeError:
+    return records
 
 
 def truncate_metrics(workdir: str | pathlib.Path, last_step: int) -> None:
-  """Drops records after `last_step` (a run resumed from an earlier checkpoint rewrites them)."""
+  """Drops records after `last_step` (a run resumed from an earlier checkpoint rewrites them).
+  The file is replaced whole, so a reader never sees it half rewritten."""
   path = pathlib.Path(workdir) / METRICS_FILE
   if path.exists():
     kept = [r for r in read_metrics(workdir) if r["step"] <= last_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)
 
 
 def format_duration(seconds: float) -> str:
