@@ -199,7 +199,10 @@ def test_temperature_schedule_is_the_configs():
 @pytest.mark.parametrize("key, value, error", [
   ("rl.objective", "ppo", r"config\.rl\.objective must be one of \('kimi', 'grpo'\)"),
   ("rl.samples", 0, r"config\.rl\.samples must be an integer >= 1"),
-  ("rl.clip_eps", 1.0, r"config\.rl\.clip_eps must be a number in \(0\.0, 1\.0\)"),
+  ("rl.clip_eps", 1.0, r"config\.rl\.clip_eps must be a number > 0\.0 and < 1\.0, got 1\.0$"),
+  ("rl.tau", float("inf"), r"config\.rl\.tau must be a number > 0\.0, got inf$"),
+  ("rl.budget_penalty", float("nan"),
+   r"config\.rl\.budget_penalty must be a finite number, got nan$"),
   ("rl.ptx_weight", -1.0, r"config\.rl\.ptx_weight must be a number >= 0"),
   ("rl.grad_steps", 4, r"config\.train\.steps \(30\) must be a multiple of config\.rl\.grad_steps"),
   ("loss.cross_entropy", 1.0, r"config\.loss\.cross_entropy: in RL set config\.rl\.ptx_weight"),

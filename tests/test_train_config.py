@@ -52,6 +52,7 @@ def _bad(**changes):
     (dict(optimizer__name="sgd"), "config.optimizer.name"),
     (dict(optimizer__schedule="linear"), "config.optimizer.schedule"),
     (dict(optimizer__lr=0.0), "config.optimizer.lr"),
+    (dict(optimizer__lr=float("inf")), "config.optimizer.lr must be a number > 0.0, got inf"),
     (dict(optimizer__qk_clip_tau=-1.0), "config.optimizer.qk_clip_tau"),
     (dict(optimizer__ns_dtype="float16"), "config.optimizer.ns_dtype"),
     (dict(optimizer__decay_fraction=1.5), "config.optimizer.decay_fraction"),

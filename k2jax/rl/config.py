@@ -61,20 +61,16 @@ def validate(config) -> None:
   if r.objective not in OBJECTIVES:
     _fail("objective", f"must be one of {OBJECTIVES}, got {r.objective!r}")
   for key in ("prompts", "samples", "grad_steps", "max_turns", "max_new_tokens"):
-    if not _is_int(r[key]) or r[key] < 1:
-      _fail(key, f"must be an integer >= 1, got {r[key]!r}")
+    config_lib.check_int(config, f"rl.{key}", 1)
   for key in ("temperature_decay_steps", "budget", "eval_heldout", "eval_heldout_domain",
               "task_seed", "eval_seed"):
-    if not _is_int(r[key]) or r[key] < 0:
-      _fail(key, f"must be an integer >= 0, got {r[key]!r}")
-  for key, low, high in (("tau", 0.0, math.inf), ("clip_eps", 0.0, 1.0), ("top_p", 0.0, 1.0),
-                         ("temperature", 0.0, math.inf), ("final_temperature", 0.0, math.inf)):
-    if not _is_real(r[key]) or not low < r[key] <= high or (key == "clip_eps" and r[key] == 1):
-      _fail(key, f"must be a number in ({low}, {high}{')' if key == 'clip_eps' else ']'}, "
-            f"got {r[key]!r}")
-  for key in ("ptx_weight", "budget_penalty"):
-    if not _is_real(r[key]) or (key == "ptx_weight" and r[key] < 0):
-      _fail(key, f"must be a number{' >= 0' if key == 'ptx_weight' else ''}, got {r[key]!r}")
+    config_lib.check_int(config, f"rl.{key}", 0)
+  for key in ("tau", "temperature", "final_temperature"):
+    config_lib.check_real(config, f"rl.{key}", 0.0, open_low=True)
+  config_lib.check_real(config, "rl.top_p", 0.0, 1.0, open_low=True)
+  config_lib.check_real(config, "rl.clip_eps", 0.0, 1.0, open_low=True, open_high=True)
+  config_lib.check_real(config, "rl.ptx_weight", 0.0)
+  config_lib.check_real(config, "rl.budget_penalty")
   for name in ("cross_entropy", *OBJECTIVES):
     if name in config.loss:
       raise config_lib.ConfigError(f"config.loss.{name}: in RL set config.rl.ptx_weight and "
@@ -93,14 +89,6 @@ def validate(config) -> None:
                                  f"{' + train.batch_size' if r.ptx_weight else ''}) must be "
                                  f"divisible by train.grad_accum x mesh data x fsdp x expert "
                                  f"({shards})")
-
-
-def _is_int(v) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def rows(config) -> int:

@@ -87,21 +87,27 @@ def _check_keys(cfg, ref, prefix: str = "") -> None:
       _check_keys(cfg[key], ref[key], f"{prefix}{key}.")
 
 
-def _int(cfg, key: str, low: int) -> None:
+def check_int(cfg, key: str, low: int) -> None:
+  """ConfigError unless config.<section>.<name> (`key`) is an integer >= low."""
   section, name = key.split(".")
   v = cfg[section][name]
   if isinstance(v, bool) or not isinstance(v, int) or v < low:
     _fail(key, f"must be an integer >= {low}, got {v!r}")
 
 
-def _real(cfg, key: str, low: float, high: float = float("inf"), open_low: bool = False) -> None:
+def check_real(cfg, key: str, low: float = -math.inf, high: float = math.inf,
+               open_low: bool = False, open_high: bool = False) -> None:
+  """ConfigError unless config.<section>.<name> (`key`) is a finite number within the bounds
+  (`open_low` / `open_high`: the bound itself excluded)."""
   section, name = key.split(".")
   v = cfg[section][name]
-  ok = isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high
-  if not ok or (open_low and v == low):
-    bound = f"> {low}" if open_low else f">= {low}"
-    _fail(key, f"must be a number {bound}" + (f" and <= {high}" if high < float("inf") else "")
-          + f", got {v!r}")
+  ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        and low <= v <= high and not (open_low and v == low) and not (open_high and v == high))
+  if not ok:
+    bounds = ([f"{'>' if open_low else '>='} {low}"] if low > -math.inf else []) + (
+        [f"{'<' if open_high else '<='} {high}"] if high < math.inf else [])
+    _fail(key, " ".join(["must be a", "number" if bounds else "finite number", *(
+        [" and ".join(bounds)] if bounds else [])]) + f", got {v!r}")
 
 
 def mesh_shape(config) -> dict[str, int]:
@@ -130,10 +136,10 @@ def validate(config, defaults: ml_collections.ConfigDict | None = None) -> None:
     _fail("init_from", f"must be a directory path or '', got {config.init_from!r}")
   for key in ("train.steps", "train.batch_size", "train.seq_len", "train.grad_accum",
               "train.log_every", "train.eval_batches", "checkpoint.keep"):
-    _int(config, key, 1)
+    check_int(config, key, 1)
   for key in ("train.eval_every", "checkpoint.every_steps", "optimizer.warmup_steps",
               "sample.num_tokens"):
-    _int(config, key, 0)
+    check_int(config, key, 0)
   t = config.train
   mesh = mesh_shape(config)
   batch_shards = math.prod(mesh[a] for a in sharding.BATCH_AXES)
@@ -147,13 +153,13 @@ def validate(config, defaults: ml_collections.ConfigDict | None = None) -> None:
     _fail("optimizer.schedule", f"must be one of {SCHEDULES}, got {o.schedule!r}")
   if o.ns_dtype not in NS_DTYPES:
     _fail("optimizer.ns_dtype", f"must be one of {NS_DTYPES}, got {o.ns_dtype!r}")
-  _real(config, "optimizer.lr", 0.0, open_low=True)
-  _real(config, "optimizer.qk_clip_tau", 0.0, open_low=True)
+  check_real(config, "optimizer.lr", 0.0, open_low=True)
+  check_real(config, "optimizer.qk_clip_tau", 0.0, open_low=True)
   for key in ("optimizer.weight_decay", "optimizer.grad_clip", "router.bias_update_rate",
               "sample.temperature"):
-    _real(config, key, 0.0)
+    check_real(config, key, 0.0)
   for key in ("optimizer.decay_fraction", "optimizer.final_lr_fraction"):
-    _real(config, key, 0.0, 1.0)
+    check_real(config, key, 0.0, 1.0)
   if not isinstance(config.router.centered, bool):
     _fail("router.centered", f"must be True or False, got {config.router.centered!r}")
   if not isinstance(config.checkpoint.async_save, bool):
