@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import matplotlib
@@ -10,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from k2jax.train.metrics import read_metrics  # noqa: E402
+from k2jax.train.plot import save, series  # noqa: E402
 
 PLOT_FILE = "rl.png"
 
@@ -19,24 +21,17 @@ def plot_rl(workdir: str | pathlib.Path) -> pathlib.Path:
   valid-call rate per split, against the update."""
   records = read_metrics(workdir)
   fig, (ax_reward, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
+  xy = functools.partial(series, records, x="update")
 
-  def series(key):
-    pts = [(r["update"], r[key]) for r in records if key in r]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-  ax_reward.plot(*series("reward_mean"), label="reward (mean)")
-  ax_reward.plot(*series("success"), label="success")
+  ax_reward.plot(*xy("reward_mean"), label="reward (mean)")
+  ax_reward.plot(*xy("success"), label="success")
   ax_reward.set(xlabel="update", title="rollouts")
   ax_reward.legend()
   for split in ("heldout", "heldout_domain"):
     if any(f"{split}_success" in r for r in records):
-      ax_eval.plot(*series(f"{split}_success"), "o-", label=f"{split}: success")
-      ax_eval.plot(*series(f"{split}_valid_call_rate"), "x--", label=f"{split}: valid calls")
+      ax_eval.plot(*xy(f"{split}_success"), "o-", label=f"{split}: success")
+      ax_eval.plot(*xy(f"{split}_valid_call_rate"), "x--", label=f"{split}: valid calls")
   ax_eval.set(xlabel="update", ylim=(0, 1.02), title="held-out (greedy)")
   if ax_eval.lines:
     ax_eval.legend(fontsize=8)
-  fig.tight_layout()
-  path = pathlib.Path(workdir) / PLOT_FILE
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return save(fig, pathlib.Path(workdir) / PLOT_FILE)
