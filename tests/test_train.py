@@ -157,7 +157,6 @@ def test_sigterm_sigkill_and_restart_resume_bit_for_bit(corpus, tmp_path):
   assert a == b
 
 
-
 def test_metrics_read_while_written_and_truncated_whole(tmp_path):
   """A reader polling a live run's metrics.jsonl (as the kill tests do) may catch the last line
   half written: it gets the complete records. Truncation replaces the file in one step."""
@@ -169,6 +168,7 @@ def test_metrics_read_while_written_and_truncated_whole(tmp_path):
   assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
   truncate_metrics(tmp_path, 2)
   assert path.read_text() == "".join(lines[:2]) and sorted(tmp_path.iterdir()) == [path]
+
 
 @pytest.mark.slow  # a second training run with its own compiles.
 def test_nan_loss_stops_without_saving_the_bad_state(corpus, tmp_path):

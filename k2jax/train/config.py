@@ -104,10 +104,13 @@ def check_real(cfg, key: str, low: float = -math.inf, high: float = math.inf,
   ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         and low <= v <= high and not (open_low and v == low) and not (open_high and v == high))
   if not ok:
-    bounds = ([f"{'>' if open_low else '>='} {low}"] if low > -math.inf else []) + (
-        [f"{'<' if open_high else '<='} {high}"] if high < math.inf else [])
-    _fail(key, " ".join(["must be a", "number" if bounds else "finite number", *(
-        [" and ".join(bounds)] if bounds else [])]) + f", got {v!r}")
+    bounds = []
+    if low > -math.inf:
+      bounds.append(f"{'>' if open_low else '>='} {low}")
+    if high < math.inf:
+      bounds.append(f"{'<' if open_high else '<='} {high}")
+    what = "a number " + " and ".join(bounds) if bounds else "a finite number"
+    _fail(key, f"must be {what}, got {v!r}")
 
 
 def mesh_shape(config) -> dict[str, int]:
