@@ -20,6 +20,7 @@ MARKDOWN_BENCHMARKS = [
     ("optimizer_step.py", []),
     ("decode.py", []),
     ("sharded_muon.py", []),
+    ("compile_flags.py", []),
 ]
 
 
