@@ -16,8 +16,8 @@ experiments/REPORT.md, "RL".
 from k2jax.rl import default_config
 
 SFT = "workdirs/sft_demo"
-# k2_nano_sft.py's model (hidden 256, dense FFNs): init_from requires the same shapes.
-MODEL = dict(hidden_size=256, intermediate_size=768, first_k_dense_replace=4)
+# k2_nano_sft.py's model (dense FFNs): init_from requires the same shapes.
+MODEL = dict(hidden_size=128, intermediate_size=384, first_k_dense_replace=4)
 
 
 def get_config():

@@ -30,8 +30,11 @@ Data config fields (`default_data_config()`):
     attend to each other and each starts at position 0. Off for pretraining (the common choice:
     documents are separated by an end-of-text token and a row is one context, which is also what
     the reported runs used); on for chat and SFT data, whose conversations are independent.
-  format: "text" (documents of text, this package's pipeline) or "chat" (JSONL files of
-    conversations with tools, one per line: k2jax.train.chat_data renders, masks and packs them).
+  format: "text" (documents of text, this package's pipeline), "chat" (JSONL files of
+    conversations with tools, one per line: k2jax.train.chat_data renders, masks and packs them)
+    or "copy" (no source read: synthetic rows of random spans each written twice, the loss on
+    the copies; k2jax.data.copying).
+  copy_ids: with format "copy", the rows' ids are [0, copy_ids); 0: the tokenizer's vocabulary.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ import numpy as np
 
 STDLIB = "python_stdlib"
 SPLITS = ("train", "validation")
-FORMATS = ("text", "chat")
+FORMATS = ("text", "chat", "copy")
 
 _DEFAULTS = dict(
   source=STDLIB,
@@ -64,6 +67,7 @@ _DEFAULTS = dict(
   prefetch_batches=2,
   segment_attention=False,
   format="text",
+  copy_ids=0,
 )
 
 

@@ -308,8 +308,9 @@ def _bpe(data_cfg: Any, workdir: str | None) -> KimiTokenizer:
                        "delete it to retrain")
     return tok
   if sources.field(data_cfg, "format") != "text":
-    raise ValueError("data.tokenizer 'bpe' trains on text documents; with data.format 'chat' use "
-                     "a K2-format tokenizer directory (data.tokenizer 'kimi') or config.init_from")
+    raise ValueError(f"data.tokenizer 'bpe' trains on text documents; with data.format "
+                     f"{sources.field(data_cfg, 'format')!r} use a K2-format tokenizer directory "
+                     "(data.tokenizer 'kimi') or config.init_from")
   try:
     tok = train_bpe(training_sample(data_cfg), vocab_size, k2_chat_template())
   except ValueError as e:

@@ -4,7 +4,8 @@
   (one-line ConfigError before anything compiles), builds the model, optimizer, mesh and state,
   and resumes from the latest valid checkpoint; without one, starts from config.init_from's
   weights (fresh optimizer state, step 0) when it is set. data.format picks the pipeline: text
-  (k2jax.data) or chat (k2jax.train.chat_data; evaluation then reports no bits per byte).
+  (k2jax.data), chat (k2jax.train.chat_data) or copy (k2jax.data.copying); only text evaluation
+  reports bits per byte.
 - `run.loop()`: trains with metrics read one step late; evaluates, logs, checkpoints. A NaN/Inf
   loss or gradient norm raises FloatingPointError without writing a checkpoint; SIGTERM saves a
   checkpoint and returns.
@@ -25,7 +26,7 @@ import numpy as np
 
 from k2jax import data as data_lib
 from k2jax import decode, distributed, sharding
-from k2jax.data import sources
+from k2jax.data import copying, sources
 from k2jax.flops import flops_per_token
 from k2jax.model.counting import count_params
 from k2jax.perf import cached_matmul_peak_flops
@@ -68,8 +69,10 @@ class Run:
     self.primary = distributed.is_primary()
     try:
       self.tokenizer = workdir_lib.run_tokenizer(self.workdir, config, write=self.primary)
-      text = sources.field(config.data, "format") == "text"
-      make_iterator = data_lib.make_iterator if text else chat_data.make_iterator
+      data_format = sources.field(config.data, "format")
+      text = data_format == "text"
+      make_iterator = {"text": data_lib.make_iterator, "chat": chat_data.make_iterator,
+                       "copy": copying.make_iterator}[data_format]
       self.train_iter = make_iterator(config.data, self.tokenizer, "train", t.batch_size,
                                       t.seq_len, config.seed)
       self.eval_batches, self.bytes_per_token = [], None
