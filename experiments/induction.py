@@ -10,7 +10,7 @@ spans of 6-32 ids uniform over --ids, each written twice, the loss on the predic
 only. Every --log_every steps it prints that loss (ln(ids) at chance, near 0 once copying works)
 and the copy probe: argmax accuracy on 40-id spans written twice, a length never trained on.
 With --workdir it only probes that run's latest checkpoint, with ids over its whole vocabulary.
-The measurements are in experiments/REPORT.md, "Why values are not copied".
+The measurements are in experiments/REPORT.md, "Why values were not copied".
 """
 
 import functools
@@ -30,9 +30,6 @@ from k2jax.train.workdir import load_latest
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Only probe this training run's latest checkpoint.")
 _IDS = flags.DEFINE_integer("ids", 64, "Distinct token ids of the rows (the model's vocabulary).")
-_WARM_IDS = flags.DEFINE_integer("warm_ids", 0, "Curriculum: the first --warm_steps rows use only "
-                                 "this many ids (0: no curriculum).")
-_WARM_STEPS = flags.DEFINE_integer("warm_steps", 500, "Steps on --warm_ids ids.")
 _LAYERS = flags.DEFINE_integer("layers", 2, "Decoder layers (all with dense FFNs).")
 _HIDDEN = flags.DEFINE_integer("hidden_size", 128, "Model width (FFN 3x).")
 _Q_LORA = flags.DEFINE_integer("q_lora_rank", 0, "Query latent rank (0: full-rank queries).")
@@ -84,8 +81,7 @@ def train() -> None:
         f"{_OPTIMIZER.value} lr {_LR.value:g}; chance loss ln({_IDS.value}) = "
         f"{np.log(_IDS.value):.2f}", flush=True)
   for i in range(1, _STEPS.value + 1):
-    ids = _WARM_IDS.value if _WARM_IDS.value and i <= _WARM_STEPS.value else _IDS.value
-    batch = copying.repeat_rows(rng, _BATCH.value, _LENGTH.value + 1, (0, ids))
+    batch = copying.repeat_rows(rng, _BATCH.value, _LENGTH.value + 1, (0, _IDS.value))
     params, opt_state, loss = step(params, opt_state, batch)
     if i % _LOG_EVERY.value == 0 or i == _STEPS.value:
       acc = copying.copy_accuracy(functools.partial(probe, params), (0, _IDS.value))

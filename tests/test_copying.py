@@ -1,5 +1,7 @@
 """k2jax.data.copying: the repeated-span rows and the copy probe."""
 
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -133,3 +135,16 @@ def test_training_on_copy_rows_resumes_exactly(tmp_path):
   split = {r["step"]: r for r in read_metrics(tmp_path / "split")}
   assert [whole[s]["loss"] for s in (3, 4)] == [split[s]["loss"] for s in (3, 4)]
   assert "eval_loss" in whole[2]
+
+
+def test_induction_experiment_runs(tmp_path):
+  import subprocess
+  import sys
+
+  script = pathlib.Path(__file__).parents[1] / "experiments" / "induction.py"
+  out = subprocess.run([sys.executable, str(script), "--steps=2", "--log_every=1", "--ids=16",
+                        "--hidden_size=32"], capture_output=True, text=True, timeout=300,
+                       check=True).stdout
+  losses = [float(line.split("copy loss ")[1].split()[0]) for line in out.splitlines()
+            if line.startswith("step ")]
+  assert len(losses) == 2 and all(0 < loss < 2 * np.log(16) for loss in losses)

@@ -4,7 +4,7 @@ Each span's second copy is predictable, after its first token, only by finding t
 that matches the current one and copying the token after it (an induction head). Span lengths
 vary, so no fixed offset finds the copy. `data.format = "copy"` trains on these rows (the agentic
 SFT demo's base model, experiments/configs/k2_nano_sft.py), as does experiments/induction.py;
-`copy_accuracy` scores any model's copying (REPORT.md, "Why values are not copied").
+`copy_accuracy` scores any model's copying (REPORT.md, "Why values were not copied").
 """
 
 from __future__ import annotations
