@@ -110,6 +110,8 @@ def test_iterator_resumes_and_keeps_splits_apart():
   assert next(small)["tokens"].max() < 64
   with pytest.raises(ValueError, match="data.copy_ids 301"):
     copying.make_iterator(_data_cfg(copy_ids=301), _Vocab(), "train", 4, 32, seed=0)
+  with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+    copying.make_iterator(_data_cfg(), _Vocab(), "train", 0, 32, seed=0)
 
 
 def test_training_on_copy_rows_resumes_exactly(tmp_path):

@@ -88,9 +88,7 @@ def make_iterator(data_cfg: Any, tokenizer, split: str, batch_size: int, seq_len
   "validation" split is another stream of the same rows."""
   if split not in sources.SPLITS:
     raise ValueError(f"split must be one of {sources.SPLITS}, got {split!r}")
-  for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-    if not sources.is_int(value) or value <= 0:
-      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  sources.check_batching(batch_size, seq_len, seed)
   ids = sources.field(data_cfg, "copy_ids") or tokenizer.vocab_size
   if ids > tokenizer.vocab_size:
     raise ValueError(f"data.copy_ids {ids} exceeds the tokenizer's {tokenizer.vocab_size} ids")

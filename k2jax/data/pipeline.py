@@ -91,13 +91,7 @@ def make_iterator(
   "train" shuffles documents every epoch and rows within windows, from `seed`; "validation" is
   read in order, identical for every seed.
   """
-  for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-    if not sources.is_int(value) or value <= 0:
-      raise ValueError(f"{name} must be a positive integer, got {value!r}")
-  if not sources.is_int(seed) or seed < 0:
-    raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-  if num_epochs is not None and (not sources.is_int(num_epochs) or num_epochs <= 0):
-    raise ValueError(f"num_epochs must be None or a positive integer, got {num_epochs!r}")
+  sources.check_batching(batch_size, seq_len, seed, num_epochs)
   docs = sources.list_documents(data_cfg, split)
   doc_seed, row_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2) >> 1)
   train = split == "train"

@@ -104,6 +104,17 @@ def is_int(value: Any) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def check_batching(batch_size: Any, seq_len: Any, seed: Any, num_epochs: Any = None):
+  """A ValueError naming the first bad argument of a batch iterator (every data.format's)."""
+  for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+    if not is_int(value) or value <= 0:
+      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  if not is_int(seed) or seed < 0:
+    raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+  if num_epochs is not None and (not is_int(num_epochs) or num_epochs <= 0):
+    raise ValueError(f"num_epochs must be None or a positive integer, got {num_epochs!r}")
+
+
 class Document(NamedTuple):
   """A whole file (start is None) or the bytes [start, stop) of line `line` of a JSONL file."""
 

@@ -63,11 +63,7 @@ def make_iterator(data_cfg: Any, tokenizer: Tokenizer, split: str, batch_size: i
   """Batches of packed conversations of `split` (see the module docstring): forever, or
   `num_epochs` passes. "train" shuffles conversations every epoch and the rows of each packing
   round, from `seed`; "validation" is read in order, identical for every seed."""
-  for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-    if not sources.is_int(value) or value <= 0:
-      raise ValueError(f"{name} must be a positive integer, got {value!r}")
-  if num_epochs is not None and (not sources.is_int(num_epochs) or num_epochs <= 0):
-    raise ValueError(f"num_epochs must be None or a positive integer, got {num_epochs!r}")
+  sources.check_batching(batch_size, seq_len, seed, num_epochs)
   if "<|im_end|>" not in getattr(tokenizer, "special_ids", {}):
     raise ValueError(f"data.format 'chat' needs a K2-format tokenizer (data.tokenizer 'kimi' or "
                      f"'bpe', or config.init_from's), not {tokenizer.name!r}")
